@@ -1,0 +1,73 @@
+"""Ridge solves x ~ (H + lam I)^{-1} q shared by the reference and chunk paths of `gka`.
+
+Every function works on any leading batch shape with the vector in the last dim; `apply_A` maps
+X [..., D] to A X, so callers decide how A is applied (a dense H_t, or the matrix-free chunk form).
+"""
+
+import torch
+
+SOLVERS = ("chebyshev", "cg", "exact")
+RIDGE_MODES = ("adaptive", "constant")
+
+# Zero-key convention: ||H||_F := sqrt(max(sum H^2, 0) + 1e-12). A state with no (or fully decayed)
+# keys then still gets a finite ridge lam > 0, and sqrt is never differentiated at 0.
+NORM_EPS_SQ = 1e-12
+# Guards the CG divisions so that a zero right-hand side gives x = 0 rather than 0 / 0.
+CG_EPS = 1e-30
+
+
+def ridge_bounds(sq_norm, ridge_ratio, ridge_mode):
+    """From sum(H^2) [...] to (lam, L) [..., 1]: the ridge and the upper eigenvalue bound of H + lam I.
+
+    lambda_max(H) <= ||H||_F, so the spectrum of H + lam I lies in [lam, ||H||_F + lam].
+    """
+    norm = (sq_norm.clamp_min(0) + NORM_EPS_SQ).sqrt()[..., None]
+    ridge = ridge_ratio * norm if ridge_mode == "adaptive" else torch.full_like(norm, ridge_ratio)
+    return ridge, norm + ridge
+
+
+def chebyshev(apply_A, rhs, mu, L, num_iter):
+    """Chebyshev semi-iteration for A x = rhs with spec(A) in [mu, L]; num_iter matvecs, no inner products.
+
+    Starts from the optimal Richardson step 2 rhs / (L + mu) (what num_iter = 0 returns) and
+    contracts the error by about (sqrt(L/mu) - 1) / (sqrt(L/mu) + 1) per step.
+    """
+    step = 2 / (L + mu)
+    rho_sq = ((L - mu) / (L + mu)) ** 2
+    weight = 2.0
+    x_prev, x = torch.zeros_like(rhs), step * rhs
+    for _ in range(num_iter):
+        weight = 4 / (4 - rho_sq * weight)
+        x, x_prev = x - weight * step * (apply_A(x) - rhs) + (weight - 1) * (x - x_prev), x
+    return x
+
+
+def conjugate_gradient(apply_A, rhs, num_iter):
+    """num_iter conjugate-gradient steps for A x = rhs (A symmetric positive definite) from x = 0.
+
+    Autograd through these steps is ill-conditioned once CG has converged (A with m distinct
+    eigenvalues is solved exactly in m steps, e.g. a low-rank H_t early in a sequence): every later
+    step divides residual rounding noise by rounding noise. The iterate stays put; its gradient
+    doesn't. Chebyshev, a fixed polynomial in A, has no such steps.
+    """
+    x = torch.zeros_like(rhs)
+    residual = direction = rhs
+    res_sq = (residual * residual).sum(-1, keepdim=True)
+    for _ in range(num_iter):
+        a_direction = apply_A(direction)
+        step = res_sq / ((direction * a_direction).sum(-1, keepdim=True) + CG_EPS)
+        x = x + step * direction
+        residual = residual - step * a_direction
+        new_res_sq = (residual * residual).sum(-1, keepdim=True)
+        direction = residual + new_res_sq / (res_sq + CG_EPS) * direction
+        res_sq = new_res_sq
+    return x
+
+
+def ridge_solve(solver, apply_A, rhs, ridge, upper, num_iter, dense_A):
+    """Dispatch on `solver`; `dense_A` is a thunk returning A [..., D, D], built only for "exact"."""
+    if solver == "chebyshev":
+        return chebyshev(apply_A, rhs, ridge, upper, num_iter)
+    if solver == "cg":
+        return conjugate_gradient(apply_A, rhs, num_iter)
+    return torch.linalg.solve(dense_A(), rhs)

@@ -1,0 +1,72 @@
+"""Gated linear attention with one scalar log-decay per head and token (Mamba2's mixer, GKA's readout)."""
+
+from ..common import check_choice, check_shape
+from .chunk import chunk_gla
+from .reference import reference_gla
+
+BACKENDS = ("auto", "torch", "reference")
+
+
+def gla(
+    q,
+    k,
+    v,
+    g=None,
+    *,
+    scale=None,
+    chunk_size=64,
+    initial_state=None,
+    output_final_state=False,
+    backend="auto",
+):
+    """Gated linear attention.
+
+        S_t = exp(g_t) S_{t-1} + v_t k_t^T        S [B, H, Dv, Dk]
+        o_t = scale * S_t q_t
+
+    Args:
+        q, k: [B, T, H, Dk]; v: [B, T, H, Dv].
+        g: [B, T, H] log-decay (<= 0); None means no decay.
+        scale: defaults to Dk ** -0.5.
+        chunk_size: tokens per chunk of the "torch" path (any T works; the tail is zero-padded).
+        initial_state: S_0 [B, H, Dv, Dk] or None (zeros).
+        output_final_state: also return S_T.
+        backend: "torch" (chunk-wise parallel), "reference" (token loop, the test oracle), or "auto".
+    Returns:
+        o [B, T, H, Dv] in q's dtype, or (o, S_T) with S_T in the compute dtype (fp32 or float64).
+    """
+    check_choice("gla", "backend", backend, BACKENDS)
+    if q.dim() != 4:
+        raise ValueError(f"gla: q must be [B, T, H, Dk], got shape {tuple(q.shape)}")
+    batch, seq_len, heads, key_dim = q.shape
+    check_shape("gla", "k", k, q.shape, "[B, T, H, Dk] of q")
+    if v.dim() != 4:
+        raise ValueError(f"gla: v must be [B, T, H, Dv], got shape {tuple(v.shape)}")
+    value_dim = v.shape[-1]
+    check_shape("gla", "v", v, (batch, seq_len, heads, value_dim), "[B, T, H, Dv] with B, T, H of q")
+    if g is not None:
+        check_shape("gla", "g", g, (batch, seq_len, heads), "[B, T, H] of q")
+    if initial_state is not None:
+        check_shape(
+            "gla", "initial_state", initial_state, (batch, heads, value_dim, key_dim), "[B, H, Dv, Dk]"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"gla: chunk_size must be >= 1, got {chunk_size}")
+    if scale is None:
+        scale = key_dim**-0.5
+
+    if backend == "reference":
+        return reference_gla(
+            q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        )
+    # "auto": a Triton kernel will take CUDA tensors here; until then the PyTorch chunk path serves all.
+    return chunk_gla(
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )

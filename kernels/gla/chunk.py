@@ -1,0 +1,39 @@
+"""Chunk-wise parallel gated linear attention in PyTorch.
+
+Per chunk of C tokens with start state S_0 and in-chunk cumulative log-decay G:
+    o_c = sum_{j <= c} M[c, j] (q_c . k_j) v_j  +  exp(G_c) S_0 q_c,    M[c, j] = exp(G_c - G_j)
+The first term is one masked (C x C) attention, the second reads the carried state; only the
+chunk start states are computed sequentially.
+"""
+
+from ..chunking import cumulative_log_decay, decay_mask, from_chunks, scan_chunk_states, to_chunks
+from ..common import compute_dtype
+
+
+def gla_in_chunks(q, k, v, log_decay, mask, initial_state):
+    """The chunk form on already chunked tensors (shared with gka's readout, which has G and M at hand).
+
+    q, k [B, H, N, C, Dk], v [B, H, N, C, Dv], log_decay G [B, H, N, C], mask = decay_mask(G),
+    initial_state [B, H, Dv, Dk] or None. q carries the scale. Returns (o [B, H, N, C, Dv], S_T).
+    """
+    start_states, final_state = scan_chunk_states(k, v, log_decay, initial_state)
+    intra = ((q @ k.mT) * mask) @ v
+    inter = log_decay.exp()[..., None] * (q @ start_states.mT)
+    return intra + inter, final_state
+
+
+def chunk_gla(q, k, v, g=None, *, scale, chunk_size, initial_state=None, output_final_state=False):
+    """[B, T, H, D] front end of `gla_in_chunks`: pads to whole chunks, computes in fp32 or wider."""
+    batch, seq_len, heads = q.shape[:3]
+    dtype = compute_dtype(q.dtype)
+    if g is None:
+        g = q.new_zeros(batch, seq_len, heads)
+    q_chunks, k_chunks, v_chunks = (to_chunks(x.to(dtype), chunk_size) for x in (q, k, v))
+    log_decay = cumulative_log_decay(g.to(dtype), chunk_size)
+    if initial_state is not None:
+        initial_state = initial_state.to(dtype)
+    o, final_state = gla_in_chunks(
+        scale * q_chunks, k_chunks, v_chunks, log_decay, decay_mask(log_decay), initial_state
+    )
+    o = from_chunks(o, seq_len).to(q.dtype)
+    return (o, final_state) if output_final_state else o

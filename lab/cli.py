@@ -1,0 +1,191 @@
+"""`lab`: the one command for every user-facing action. Bad input -> `error: ...` on stderr, exit 2."""
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from lab.errors import LabError
+
+USAGE_EXAMPLES = """examples:
+  lab train --config configs/demo.yaml model.name=gka model.num_iter=10
+  lab tasks | lab models
+  lab runs demo
+  lab tb
+  lab bench ops | lab bench mixers"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except LabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lab", description="GKA synthetic-task lab.", epilog=USAGE_EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train one run (key=value overrides)")
+    train.add_argument("--config", action="append", default=[], metavar="YAML",
+                       help="config file; repeat to layer several (later wins)")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.set_defaults(handler=cmd_train)
+
+    commands.add_parser("tasks", help="list tasks with their parameters").set_defaults(handler=cmd_tasks)
+    commands.add_parser("models", help="list models with their parameters").set_defaults(handler=cmd_models)
+
+    runs = commands.add_parser("runs", help="table of the runs of an experiment (from summary.json)")
+    runs.add_argument("experiment")
+    runs.add_argument("--runs-dir", default="runs")
+    runs.set_defaults(handler=cmd_runs)
+
+    tb = commands.add_parser("tb", help="start TensorBoard on runs/ at 127.0.0.1")
+    tb.add_argument("--logdir", default="runs")
+    tb.add_argument("--port", type=int, default=6006)
+    tb.set_defaults(handler=cmd_tb)
+
+    bench = commands.add_parser("bench", help="benchmarks: ops (GKA op backends), mixers (training tokens/s)")
+    bench.add_argument("what", choices=["ops", "mixers"])
+    bench.add_argument("--out", default=None, help="write the rows as JSON here")
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from lab.config import load_config
+    from lab.train import train
+
+    run = load_config(args.config, args.overrides)
+    summary = train(run)
+    print_summaries([summary])
+    print(f"run directory: {summary['run_dir']}  (TensorBoard: lab tb)")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    import tasks
+
+    for spec in tasks.TASKS.values():
+        print_dataclass(f"task.name={spec.name}", spec.description, spec.config_cls, prefix="task")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from lab.models import MODELS
+
+    for name, (config_cls, mixer_cls) in MODELS.items():
+        doc = (sys.modules[mixer_cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print_dataclass(f"model.name={name}", doc, config_cls, prefix="model")
+    return 0
+
+
+def print_dataclass(title: str, description: str, config_cls, prefix: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    comments = field_comments(config_cls)
+    table = Table(title=f"{title}: {description}", title_justify="left", show_edge=False)
+    for column in ("key", "type", "default", "meaning"):
+        table.add_column(column)
+    for f in fields(config_cls):
+        if f.name == "name":
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        type_name = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
+        table.add_row(f"{prefix}.{f.name}", type_name, repr(default), comments.get(f.name, ""))
+    Console().print(table)
+    print()
+
+
+def field_comments(config_cls) -> dict[str, str]:
+    """The `# ...` comment after each field in the dataclass source: the lab documents keys in one place."""
+    import inspect
+
+    comments = {}
+    for klass in reversed(config_cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            code, _, comment = line.partition("  # ")
+            name = code.strip().split(":")[0]
+            if comment and name.isidentifier():
+                comments[name] = comment.strip()
+    return comments
+
+
+def cmd_runs(args) -> int:
+    root = Path(args.runs_dir) / args.experiment
+    summaries = [json.loads(p.read_text()) for p in sorted(root.glob("*/summary.json"))]
+    if not summaries:
+        raise LabError(f"no finished runs under {root} (a finished run has a summary.json)")
+    print_summaries(summaries)
+    print(f"TensorBoard logs: {root}  (view: lab tb --logdir {root})")
+    return 0
+
+
+def print_summaries(summaries: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False)
+    for column in ("run", "model", "params", "state size", "best val acc", "final val acc", "epochs",
+                   "wall time", "train tokens/s"):
+        table.add_column(column, justify="left" if column in ("run", "model") else "right")
+    for s in summaries:
+        table.add_row(
+            Path(s["run_dir"]).name, s["model"], f"{s['params']:,}", human_bytes(s["state_size_bytes"]),
+            f"{s['best_val_acc']:.3f}" if s["best_val_acc"] is not None else "-",
+            f"{s['final'].get('val/acc', float('nan')):.3f}", str(s["epochs"]),
+            f"{s['wall_seconds']:.0f} s", f"{s['train_tokens_per_second']:,.0f}",
+        )
+    Console().print(table)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def cmd_tb(args) -> int:
+    import time
+
+    from tensorboard import program
+
+    Path(args.logdir).mkdir(parents=True, exist_ok=True)
+    board = program.TensorBoard()
+    board.configure(argv=[None, "--logdir", args.logdir, "--host", "127.0.0.1", "--port", str(args.port)])
+    try:
+        url = board.launch()
+    except program.TensorBoardServerException as err:
+        raise LabError(f"--port {args.port}: could not start TensorBoard ({err.msg})") from None
+    print(f"TensorBoard on {args.logdir}: {url}  (Ctrl-C to stop)", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def cmd_bench(args) -> int:
+    from lab import bench
+
+    rows = bench.run(args.what)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

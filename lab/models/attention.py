@@ -1,0 +1,59 @@
+"""Causal softmax attention with rotary positions: the recall baseline that MQAR is easy for."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lab.errors import LabError
+from lab.models.common import ModelConfig, check_range
+
+
+@dataclass
+class AttentionConfig(ModelConfig):
+    name: str = "attention"
+    num_heads: int = 2
+    rope_base: float = 10000.0  # rotary frequency base
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "num_heads", low=1)
+        check_range(self, "rope_base", low=0, low_open=True)
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            raise LabError(
+                f"model.num_heads={self.num_heads}: d_model={self.d_model} must split into heads of even size"
+            )
+
+
+def rotate(x: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary position embedding on `[B, T, H, D]` (D even): pairs (x_i, x_{i+D/2}) turn by t * base^(-2i/D)."""
+    seq_len, head_dim = x.shape[1], x.shape[-1]
+    half = head_dim // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = torch.arange(seq_len, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class AttentionMixer(nn.Module):
+    def __init__(self, cfg: AttentionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.d_model // cfg.num_heads
+        self.rope_base = cfg.rope_base
+        self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(batch, seq_len, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k = rotate(q, self.rope_base), rotate(k, self.rope_base)
+        # SDPA wants [B, H, T, D]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def state_size(self, seq_len: int) -> int:
+        """KV cache for a sequence of seq_len tokens, fp32 bytes."""
+        return 2 * seq_len * self.num_heads * self.head_dim * 4

@@ -1,0 +1,87 @@
+"""The LightningModule: next-token loss at supervised positions, Zoology's accuracy, AdamW + warmup/cosine."""
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lab.config import RunConfig
+from lab.data import IGNORE
+from lab.models import LanguageModel
+
+
+class LabModule(L.LightningModule):
+    def __init__(self, run: RunConfig, model: LanguageModel, test_slice_names: list[str]):
+        super().__init__()
+        self.run = run
+        self.model = model
+        self.test_slice_names = test_slice_names
+        self._val_sums = None  # per slice: [sum of per-example accuracy, examples, sum of loss, supervised tokens]
+        self.best_val_acc: float | None = None
+        self.best_epoch: int | None = None
+
+    def supervised_logits(self, inputs: torch.Tensor, labels: torch.Tensor):
+        """Logits only where a label exists: MQAR supervises N of L positions, so the LM head stays cheap."""
+        mask = labels != IGNORE
+        return self.model.lm_head(self.model.hidden_states(inputs)[mask]), labels[mask], mask
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels, _ = batch
+        logits, targets, _ = self.supervised_logits(inputs, labels)
+        loss = F.cross_entropy(logits.float(), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._val_sums = torch.zeros(len(self.test_slice_names), 4, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        inputs, labels, slice_ids = batch
+        logits, targets, mask = self.supervised_logits(inputs, labels)
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+        token_correct = (logits.argmax(-1) == targets).double()
+        # Zoology: accuracy is the mean over an example's supervised positions, then the mean over examples
+        row = mask.nonzero()[:, 0]
+        per_example_correct = torch.zeros(len(inputs), dtype=torch.float64, device=self.device).index_add_(
+            0, row, token_correct)
+        per_example_count = mask.sum(1).double()
+        per_example_loss = torch.zeros_like(per_example_correct).index_add_(0, row, token_loss.double())
+        stats = torch.stack([per_example_correct / per_example_count, torch.ones_like(per_example_count),
+                             per_example_loss, per_example_count], dim=1)
+        self._val_sums.index_add_(0, slice_ids, stats)
+
+    def on_validation_epoch_end(self):
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        total = sums.sum(0)
+        acc = (total[0] / total[1]).item()
+        if self.best_val_acc is None or acc > self.best_val_acc:
+            self.best_val_acc, self.best_epoch = acc, self.current_epoch
+        self.log("val/acc", acc, prog_bar=True)
+        self.log("val/loss", total[2] / total[3], prog_bar=True)
+        if len(self.test_slice_names) > 1:
+            for name, (acc, count, _, _) in zip(self.test_slice_names, sums):
+                self.log(f"val/acc_slice/{name}", acc / count)
+
+    def configure_optimizers(self):
+        trainer_cfg = self.run.trainer
+        # no weight decay on norms, biases and per-head scalars (decay rates, skips): only on matrices
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": trainer_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_steps = int(trainer_cfg.warmup_frac * total_steps)
+
+        def lr_factor(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            cosine = 0.5 * (1 + math.cos(math.pi * progress))
+            return trainer_cfg.min_lr_ratio + (1 - trainer_cfg.min_lr_ratio) * cosine
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,156 @@
+"""One training run: config -> task data -> model -> Lightning trainer -> TensorBoard + summary.json."""
+
+import json
+import logging
+import shutil
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lab.config import RunConfig, flatten, to_dict
+from lab.data import TaskDataModule
+from lab.errors import LabError
+from lab.models import build_model
+from lab.module import LabModule
+
+log = logging.getLogger("lab")
+
+
+class Throughput(Callback):
+    """Training tokens per second, timed over training batches only (no validation, no start-up)."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.seconds += time.perf_counter() - self._start
+        self.tokens += batch[0].numel()
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class PlainProgress(Callback):
+    """One log line per validation, for logs and CI where a live progress bar would be noise."""
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        fields = [f"epoch {trainer.current_epoch}", f"step {trainer.global_step}"]
+        fields += [f"{k} {metrics[k].item():.4f}" for k in ("train/loss", "val/loss", "val/acc") if k in metrics]
+        print("  ".join(fields), flush=True)
+
+
+def run_directory(run: RunConfig) -> Path:
+    """runs/<experiment>/<run_name>/, created; an existing one is kept unless overwrite=true."""
+    if not run.run_name:
+        run.run_name = f"{run.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(run.runs_dir) / run.experiment / run.run_name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not run.overwrite:
+            raise LabError(f"run directory {run_dir} already exists; choose another run_name or pass overwrite=true")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def progress_callbacks(mode: str) -> tuple[list[Callback], bool]:
+    if mode == "auto":
+        mode = "rich" if sys.stdout.isatty() else "plain"
+    if mode == "rich":
+        return [RichProgressBar()], True
+    return ([PlainProgress()] if mode == "plain" else []), False
+
+
+def validation_schedule(run: RunConfig) -> dict:
+    if run.trainer.val_every_n_steps:
+        return {"val_check_interval": run.trainer.val_every_n_steps, "check_val_every_n_epoch": None}
+    return {"check_val_every_n_epoch": run.trainer.val_every_n_epochs}
+
+
+def train(run: RunConfig) -> dict:
+    """Train one run and return its summary (also written to <run dir>/summary.json)."""
+    quiet_lightning()
+    datamodule = TaskDataModule(run)  # validates slices before anything is written
+    run_dir = run_directory(run)
+    config = to_dict(run)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    if run.trainer.num_threads:
+        torch.set_num_threads(run.trainer.num_threads)
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    datamodule.setup()
+    model = build_model(run.model, datamodule.vocab_size)
+    module = LabModule(run, model, datamodule.test_slice_names)
+
+    logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name, default_hp_metric=False)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
+                                 save_top_k=1, enable_version_counter=False)
+    early_stop = EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=run.trainer.early_stop_acc,
+                               patience=run.trainer.max_epochs + 1)
+    throughput = Throughput()
+    progress, bar = progress_callbacks(run.trainer.progress)
+    trainer = L.Trainer(
+        default_root_dir=run_dir, logger=logger, callbacks=[checkpoint, early_stop, throughput, *progress],
+        max_epochs=run.trainer.max_epochs, max_steps=run.trainer.max_steps, precision=run.trainer.precision,
+        accelerator=run.trainer.accelerator, devices=run.trainer.devices, gradient_clip_val=run.trainer.grad_clip,
+        log_every_n_steps=run.trainer.log_every_n_steps, **validation_schedule(run),
+        enable_progress_bar=bar, enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    wall_seconds = time.perf_counter() - started
+
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    best_acc = module.best_val_acc
+    summary = {
+        "run_dir": str(run_dir),
+        "model": run.model.name,
+        "task": run.task.name,
+        "final": final,
+        "best_val_acc": best_acc,
+        "best_epoch": module.best_epoch,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "params": model.num_params(),
+        "state_size_bytes": model.state_size(max(s.seq_len for s in datamodule.test_slices)),
+        "wall_seconds": wall_seconds,
+        "train_tokens_per_second": throughput.tokens_per_second,
+        "stopped_early": bool(early_stop.stopped_epoch),
+        "config": config,
+    }
+    logger.log_hyperparams(flatten(config), metrics={
+        "hp/best_val_acc": best_acc or 0.0, "hp/final_val_acc": final.get("val/acc", 0.0),
+        "hp/final_val_loss": final.get("val/loss", float("nan")), "hp/params": summary["params"],
+        "hp/state_size_bytes": summary["state_size_bytes"],
+    })
+    logger.finalize("success")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def quiet_lightning() -> None:
+    """Lightning's start-up chatter (GPU available, LOCAL_RANK, tips) hides the lab's own output."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", message=".*tensorboardX.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
