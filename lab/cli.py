@@ -88,21 +88,28 @@ def cmd_models(args) -> int:
     return 0
 
 
-def print_dataclass(title: str, description: str, config_cls, prefix: str) -> None:
+def console():
+    """Rich console; piped output (logs, CI) gets a wide fixed width instead of Rich's 80 columns."""
     from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def print_dataclass(title: str, description: str, config_cls, prefix: str) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     comments = field_comments(config_cls)
-    table = Table(title=f"{title}: {description}", title_justify="left", show_edge=False)
+    table = Table(title=escape(f"{title}: {description}"), title_justify="left", show_edge=False)
     for column in ("key", "type", "default", "meaning"):
         table.add_column(column)
     for f in fields(config_cls):
         if f.name == "name":
             continue
         default = f.default_factory() if f.default_factory is not MISSING else f.default
-        type_name = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
-        table.add_row(f"{prefix}.{f.name}", type_name, repr(default), comments.get(f.name, ""))
-    Console().print(table)
+        type_name = f.type.__name__ if isinstance(f.type, type) else str(f.type).replace("typing.", "")
+        table.add_row(f"{prefix}.{f.name}", type_name, escape(repr(default)), escape(comments.get(f.name, "")))
+    console().print(table)
     print()
 
 
@@ -135,7 +142,6 @@ def cmd_runs(args) -> int:
 
 
 def print_summaries(summaries: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(show_edge=False)
@@ -149,7 +155,7 @@ def print_summaries(summaries: list[dict]) -> None:
             f"{s['final'].get('val/acc', float('nan')):.3f}", str(s["epochs"]),
             f"{s['wall_seconds']:.0f} s", f"{s['train_tokens_per_second']:,.0f}",
         )
-    Console().print(table)
+    console().print(table)
 
 
 def human_bytes(n: float) -> str:

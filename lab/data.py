@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import tasks
 from lab.config import RunConfig, task_slices
 from lab.errors import LabError
+from tasks.registry import IGNORE_INDEX as IGNORE
 
-IGNORE = -100
 
 
 def slice_name(task_cfg, varying: list[str]) -> str:

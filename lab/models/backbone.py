@@ -35,6 +35,8 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, mixer_cls: type[nn.Module]):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.max_positions = cfg.max_position_embeddings
+        self.pos_embed = nn.Embedding(self.max_positions, cfg.d_model) if self.max_positions else None
         self.blocks = nn.ModuleList(Block(cfg, mixer_cls(cfg)) for _ in range(cfg.num_layers))
         self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -51,6 +53,11 @@ class LanguageModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`[B, T]` token ids -> `[B, T, d_model]` after the final norm."""
         x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            if input_ids.shape[1] > self.max_positions:
+                raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds "
+                                 f"model.max_position_embeddings={self.max_positions}")
+            x = x + self.pos_embed.weight[: input_ids.shape[1]]
         for block in self.blocks:
             x = block(x)
         return self.final_norm(x)

@@ -18,9 +18,11 @@ class ModelConfig:
     num_layers: int = 2  # number of [mixer, MLP] blocks
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model (0 = no MLP)
     norm_eps: float = 1e-5
+    max_position_embeddings: int = 0  # > 0: learned absolute positions added to the embeddings (Zoology's)
 
     def validate(self) -> None:
         check_range(self, "d_model", low=1)
+        check_range(self, "max_position_embeddings", low=0)
         check_range(self, "num_layers", low=1)
         check_range(self, "mlp_ratio", low=0)
 

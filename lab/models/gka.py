@@ -9,12 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.gka import BACKENDS, RIDGE_MODES, SOLVERS
 from lab.errors import LabError
 from lab.models.common import ModelConfig, ShortConv, check_choice, check_range
-
-SOLVERS = ("chebyshev", "cg", "exact")
-RIDGE_MODES = ("adaptive", "constant")
-BACKENDS = ("auto", "torch", "reference")
 
 
 @dataclass
