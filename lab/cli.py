@@ -18,7 +18,12 @@ USAGE_EXAMPLES = """examples:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `lab train --config a.yaml x=1 --config b.yaml y=2`: overrides may come on both sides of --config
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "train" or any(item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         return args.handler(args) or 0
     except LabError as err:
@@ -173,7 +178,8 @@ def cmd_tb(args) -> int:
 
     Path(args.logdir).mkdir(parents=True, exist_ok=True)
     board = program.TensorBoard()
-    board.configure(argv=[None, "--logdir", args.logdir, "--host", "127.0.0.1", "--port", str(args.port)])
+    board.configure(argv=[None, "--logdir", args.logdir, "--host", "127.0.0.1", "--port", str(args.port),
+                              "--load_fast", "false"])
     try:
         url = board.launch()
     except program.TensorBoardServerException as err:

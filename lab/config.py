@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -157,7 +158,7 @@ def _load_yaml(path: str) -> DictConfig:
         raise LabError(f"--config {path}: no such file")
     try:
         loaded = OmegaConf.load(path)
-    except Exception as err:  # YAML syntax errors come in many types
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
         raise LabError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(loaded, DictConfig):
         raise LabError(f"--config {path}: must hold a mapping of config keys")

@@ -16,7 +16,6 @@ from lab.errors import LabError
 from tasks.registry import IGNORE_INDEX as IGNORE
 
 
-
 def slice_name(task_cfg, varying: list[str]) -> str:
     """A short label for a slice from the task keys that differ between slices, e.g. 'seq_len=128,num_kv_pairs=8'."""
     return ",".join(f"{key}={getattr(task_cfg, key)}" for key in varying) or task_cfg.name

@@ -80,3 +80,12 @@ def test_slices_are_typed_task_configs():
     run = load_config([], ["data.test_slices=[{seq_len: 64, num_kv_pairs: 40}]"])
     with pytest.raises(LabError, match="num_kv_pairs"):
         task_slices(run, "test")
+
+
+def test_cli_overrides_on_both_sides_of_config(tmp_path, capsys):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("model:\n  name: gka\n")
+    second.write_text("seed: 3\n")
+    code = main(["train", "--config", str(first), "model.num_iter=2", "--config", str(second), "model.sovler=cg"])
+    assert code == 2
+    assert "unknown config key 'model.sovler'" in capsys.readouterr().err

@@ -6,12 +6,12 @@ import torch
 from lab.models import MODELS, build_model
 
 SMALL = {
-    "attention": dict(d_model=16, num_heads=2),
-    "gka": dict(d_model=16, num_heads=2, head_dim=6, chunk_size=8, num_iter=5),
-    "gka_cg": dict(d_model=16, num_heads=2, solver="cg", chunk_size=8, num_iter=5, gating=False),
-    "gka_exact_const": dict(d_model=16, num_heads=2, solver="exact", ridge_mode="constant", ridge_ratio=0.25,
-                            alpha_connection=False, chunk_size=8),
-    "mamba2": dict(d_model=16, d_state=4, head_dim=8, chunk_size=8),
+    "attention": {"d_model": 16, "num_heads": 2},
+    "gka": {"d_model": 16, "num_heads": 2, "head_dim": 6, "chunk_size": 8, "num_iter": 5},
+    "gka_cg": {"d_model": 16, "num_heads": 2, "solver": "cg", "chunk_size": 8, "num_iter": 5, "gating": False},
+    "gka_exact_const": {"d_model": 16, "num_heads": 2, "solver": "exact", "ridge_mode": "constant", "ridge_ratio": 0.25,
+                            "alpha_connection": False, "chunk_size": 8},
+    "mamba2": {"d_model": 16, "d_state": 4, "head_dim": 8, "chunk_size": 8},
 }
 
 

@@ -2,7 +2,6 @@
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from lab.models.common import ModelConfig, ShortConv, check_choice, check_range
 class GKAConfig(ModelConfig):
     name: str = "gka"
     num_heads: int = 2
-    head_dim: Optional[int] = None  # None = d_model // num_heads
+    head_dim: int | None = None  # None = d_model // num_heads
     gating: bool = True  # Mamba2-style per-head decay gamma_t; off = no forgetting (gamma_t = 1)
     alpha_connection: bool = True  # qt = q + alpha (x - q); off = alpha 1, the pure ridge solution
     ridge_mode: str = "adaptive"  # adaptive: lam = ridge_ratio * ||H||_F; constant: lam = ridge_ratio
