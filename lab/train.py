@@ -103,8 +103,9 @@ def train(run: RunConfig) -> dict:
     logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name, default_hp_metric=False)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
                                  save_top_k=1, enable_version_counter=False)
+    # stop on the accuracy threshold only: a patience that counts validations would end step-validated runs early
     early_stop = EarlyStopping(monitor="val/acc", mode="max", stopping_threshold=run.trainer.early_stop_acc,
-                               patience=run.trainer.max_epochs + 1)
+                               patience=sys.maxsize)
     throughput = Throughput()
     progress, bar = progress_callbacks(run.trainer.progress)
     trainer = L.Trainer(
