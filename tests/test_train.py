@@ -76,7 +76,7 @@ def test_existing_run_directory_is_kept(tmp_path, capsys):
 def test_no_improvement_does_not_stop_a_run_early(tmp_path):
     # a frozen model (lr ~ 0) never improves val/acc; only the accuracy threshold or the budget may stop it
     overrides = ["model.d_model=16", "task.vocab_size=80", "task.seq_len=32", "data.num_train=640",
-                 "data.num_test=32", "trainer.lr=1e-12", "trainer.max_steps=12", "trainer.val_every_n_steps=2",
+                 "data.num_test=32", "trainer.lr=1e-12", "trainer.max_epochs=1", "trainer.max_steps=12", "trainer.val_every_n_steps=2",
                  "trainer.batch_size=32", "trainer.progress=none", f"runs_dir={tmp_path}"]
     summary = train(load_config([], overrides))
     assert summary["steps"] == 12 and not summary["stopped_early"]
