@@ -6,6 +6,8 @@ A sequence [B, T, H, ...] is zero-padded to N * C tokens and viewed head-major a
 
 import torch
 
+from .common import compute_dtype
+
 
 def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """[B, T, H, *rest] -> [B, H, N, C, *rest], zero-padding T up to a multiple of C.
@@ -71,3 +73,13 @@ def scan_chunk_states(
         start_states.append(state)
         state = chunk_decay[:, :, n] * state + chunk_updates[:, :, n]
     return torch.stack(start_states, dim=2), state
+
+
+def chunk_inputs(q, k, v, g, chunk_size: int):
+    """The common front end of the chunk paths: q, k, v [B, T, H, D] -> [B, H, N, C, D] in the compute
+    dtype (fp32 at least), and g [B, T, H] (None = no decay) -> the in-chunk cumulative log-decay G."""
+    dtype = compute_dtype(q.dtype)
+    if g is None:
+        g = q.new_zeros(q.shape[:3])
+    q, k, v = (to_chunks(x.to(dtype), chunk_size) for x in (q, k, v))
+    return q, k, v, cumulative_log_decay(g.to(dtype), chunk_size)

@@ -19,3 +19,22 @@ def check_shape(op: str, name: str, tensor: torch.Tensor, expected: tuple, layou
         raise ValueError(
             f"{op}: {name} has shape {tuple(tensor.shape)}, expected {layout} = {tuple(expected)}"
         )
+
+
+def check_qkvg(op: str, q, k, v, gates: dict) -> tuple[int, int, int, int, int]:
+    """Checks q, k [B, T, H, Dk], v [B, T, H, Dv] and each [B, T, H] gate (None = absent).
+
+    Returns (B, T, H, Dk, Dv).
+    """
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must be [B, T, H, Dk], got shape {tuple(q.shape)}")
+    batch, seq_len, heads, key_dim = q.shape
+    check_shape(op, "k", k, q.shape, "[B, T, H, Dk] of q")
+    if v.dim() != 4:
+        raise ValueError(f"{op}: v must be [B, T, H, Dv], got shape {tuple(v.shape)}")
+    value_dim = v.shape[-1]
+    check_shape(op, "v", v, (batch, seq_len, heads, value_dim), "[B, T, H, Dv] with B, T, H of q")
+    for name, gate in gates.items():
+        if gate is not None:
+            check_shape(op, name, gate, (batch, seq_len, heads), "[B, T, H] of q")
+    return batch, seq_len, heads, key_dim, value_dim

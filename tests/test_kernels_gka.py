@@ -13,13 +13,7 @@ from kernels.gka.solvers import chebyshev, conjugate_gradient
 B, H, DK, DV = 2, 2, 48, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The tensors here are tiny: intra-op threads only add overhead (and stall on a busy 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def rel_err(a, b):

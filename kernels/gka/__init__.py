@@ -1,6 +1,6 @@
 """Gated KalmaNet (GKA): gated linear attention whose query is replaced by a ridge-regression solve."""
 
-from ..common import check_choice, check_shape
+from ..common import check_choice, check_qkvg, check_shape
 from .chunk import chunk_gka
 from .reference import reference_gka
 from .solvers import RIDGE_MODES, SOLVERS
@@ -64,17 +64,7 @@ def gka(
         raise ValueError(f"gka: ridge_ratio must be > 0, got {ridge_ratio}")
     if chunk_size < 1:
         raise ValueError(f"gka: chunk_size must be >= 1, got {chunk_size}")
-    if q.dim() != 4:
-        raise ValueError(f"gka: q must be [B, T, H, Dk], got shape {tuple(q.shape)}")
-    batch, seq_len, heads, key_dim = q.shape
-    check_shape("gka", "k", k, q.shape, "[B, T, H, Dk] of q")
-    if v.dim() != 4:
-        raise ValueError(f"gka: v must be [B, T, H, Dv], got shape {tuple(v.shape)}")
-    value_dim = v.shape[-1]
-    check_shape("gka", "v", v, (batch, seq_len, heads, value_dim), "[B, T, H, Dv] with B, T, H of q")
-    for name, gate in (("g", g), ("alpha", alpha)):
-        if gate is not None:
-            check_shape("gka", name, gate, (batch, seq_len, heads), "[B, T, H] of q")
+    batch, _, heads, key_dim, value_dim = check_qkvg("gka", q, k, v, {"g": g, "alpha": alpha})
     if initial_state is not None:
         if len(initial_state) != 2:
             raise ValueError(f"gka: initial_state must be a pair (H_0, U_0), got {len(initial_state)} items")

@@ -14,8 +14,7 @@ and the readout o = scale * U_t qt_t is gated linear attention with queries qt.
 
 import torch
 
-from ..chunking import cumulative_log_decay, decay_mask, from_chunks, scan_chunk_states, to_chunks
-from ..common import compute_dtype
+from ..chunking import chunk_inputs, decay_mask, from_chunks, scan_chunk_states, to_chunks
 from ..gla.chunk import gla_in_chunks
 from .solvers import ridge_bounds, ridge_solve
 
@@ -41,12 +40,9 @@ def chunk_gka(
     For solver="exact" the per-token H_t of each chunk are materialised ([B, H, N, C, Dk, Dk]) for
     torch.linalg.solve; "chebyshev" and "cg" never form them.
     """
-    batch, seq_len, heads = q.shape[:3]
-    dtype = compute_dtype(q.dtype)
-    if g is None:
-        g = q.new_zeros(batch, seq_len, heads)
-    queries, keys, values = (to_chunks(x.to(dtype), chunk_size) for x in (q, k, v))
-    log_decay = cumulative_log_decay(g.to(dtype), chunk_size)
+    seq_len = q.shape[1]
+    queries, keys, values, log_decay = chunk_inputs(q, k, v, g, chunk_size)
+    dtype = queries.dtype
     mask = decay_mask(log_decay)
     key_cov_init = value_key_init = None
     if initial_state is not None:

@@ -1,6 +1,6 @@
 """Gated linear attention with one scalar log-decay per head and token (Mamba2's mixer, GKA's readout)."""
 
-from ..common import check_choice, check_shape
+from ..common import check_choice, check_qkvg, check_shape
 from .chunk import chunk_gla
 from .reference import reference_gla
 
@@ -36,16 +36,7 @@ def gla(
         o [B, T, H, Dv] in q's dtype, or (o, S_T) with S_T in the compute dtype (fp32 or float64).
     """
     check_choice("gla", "backend", backend, BACKENDS)
-    if q.dim() != 4:
-        raise ValueError(f"gla: q must be [B, T, H, Dk], got shape {tuple(q.shape)}")
-    batch, seq_len, heads, key_dim = q.shape
-    check_shape("gla", "k", k, q.shape, "[B, T, H, Dk] of q")
-    if v.dim() != 4:
-        raise ValueError(f"gla: v must be [B, T, H, Dv], got shape {tuple(v.shape)}")
-    value_dim = v.shape[-1]
-    check_shape("gla", "v", v, (batch, seq_len, heads, value_dim), "[B, T, H, Dv] with B, T, H of q")
-    if g is not None:
-        check_shape("gla", "g", g, (batch, seq_len, heads), "[B, T, H] of q")
+    batch, _, heads, key_dim, value_dim = check_qkvg("gla", q, k, v, {"g": g})
     if initial_state is not None:
         check_shape(
             "gla", "initial_state", initial_state, (batch, heads, value_dim, key_dim), "[B, H, Dv, Dk]"

@@ -6,8 +6,7 @@ The first term is one masked (C x C) attention, the second reads the carried sta
 chunk start states are computed sequentially.
 """
 
-from ..chunking import cumulative_log_decay, decay_mask, from_chunks, scan_chunk_states, to_chunks
-from ..common import compute_dtype
+from ..chunking import chunk_inputs, decay_mask, from_chunks, scan_chunk_states
 
 
 def gla_in_chunks(q, k, v, log_decay, mask, initial_state):
@@ -24,12 +23,9 @@ def gla_in_chunks(q, k, v, log_decay, mask, initial_state):
 
 def chunk_gla(q, k, v, g=None, *, scale, chunk_size, initial_state=None, output_final_state=False):
     """[B, T, H, D] front end of `gla_in_chunks`: pads to whole chunks, computes in fp32 or wider."""
-    batch, seq_len, heads = q.shape[:3]
-    dtype = compute_dtype(q.dtype)
-    if g is None:
-        g = q.new_zeros(batch, seq_len, heads)
-    q_chunks, k_chunks, v_chunks = (to_chunks(x.to(dtype), chunk_size) for x in (q, k, v))
-    log_decay = cumulative_log_decay(g.to(dtype), chunk_size)
+    seq_len = q.shape[1]
+    q_chunks, k_chunks, v_chunks, log_decay = chunk_inputs(q, k, v, g, chunk_size)
+    dtype = q_chunks.dtype
     if initial_state is not None:
         initial_state = initial_state.to(dtype)
     o, final_state = gla_in_chunks(
