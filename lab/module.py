@@ -20,6 +20,7 @@ class LabModule(L.LightningModule):
         self._val_sums = None  # per slice: [sum of per-example accuracy, examples, sum of loss, supervised tokens]
         self.best_val_acc: float | None = None
         self.best_epoch: int | None = None
+        self.best_step: int | None = None
 
     def supervised_logits(self, inputs: torch.Tensor, labels: torch.Tensor):
         """Logits only where a label exists: MQAR supervises N of L positions, so the LM head stays cheap."""
@@ -57,7 +58,7 @@ class LabModule(L.LightningModule):
         total = sums.sum(0)
         acc = (total[0] / total[1]).item()
         if self.best_val_acc is None or acc > self.best_val_acc:
-            self.best_val_acc, self.best_epoch = acc, self.current_epoch
+            self.best_val_acc, self.best_epoch, self.best_step = acc, self.current_epoch, self.global_step
         self.log("val/acc", acc, prog_bar=True)
         self.log("val/loss", total[2] / total[3], prog_bar=True)
         if len(self.test_slice_names) > 1:

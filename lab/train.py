@@ -128,13 +128,15 @@ def train(run: RunConfig) -> dict:
         "final": final,
         "best_val_acc": best_acc,
         "best_epoch": module.best_epoch,
+        "best_step": module.best_step,
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "params": model.num_params(),
         "state_size_bytes": model.state_size(max(s.seq_len for s in datamodule.test_slices)),
         "wall_seconds": wall_seconds,
         "train_tokens_per_second": throughput.tokens_per_second,
-        "stopped_early": bool(early_stop.stopped_epoch),
+        # EarlyStopping stops once val/acc > early_stop_acc; its stopped_epoch is 0 for a stop in epoch 0
+        "stopped_early": final.get("val/acc", 0.0) > run.trainer.early_stop_acc,
         "config": config,
     }
     logger.log_hyperparams(flatten(config), metrics={

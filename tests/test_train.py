@@ -21,6 +21,7 @@ def test_gka_learns_mqar(tmp_path):
     summary = train(load_config(DEMO, overrides))
     assert summary["best_val_acc"] >= 0.9, summary["final"]
     assert summary["steps"] <= 1500
+    assert summary["stopped_early"] and summary["best_step"] == summary["steps"]
 
 
 def test_attention_learns_mqar(tmp_path):
@@ -41,7 +42,7 @@ def test_summary_tensorboard_and_checkpoint(tmp_path):
     run_dir = tmp_path / "exp" / "first"
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    for key in ("best_val_acc", "best_epoch", "params", "state_size_bytes", "wall_seconds",
+    for key in ("best_val_acc", "best_epoch", "best_step", "params", "state_size_bytes", "wall_seconds",
                 "train_tokens_per_second", "final", "config"):
         assert on_disk[key] is not None, key
     assert 0 <= on_disk["best_val_acc"] <= 1 and on_disk["train_tokens_per_second"] > 0
