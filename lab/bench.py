@@ -26,7 +26,8 @@ DEMO_MODELS = ("attention", "gka", "mamba2")
 
 def run(what: str) -> list[dict]:
     console = make_console()
-    console.print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+    threads = 1 if what == "ops" else torch.get_num_threads()  # kernels.bench times ops on one thread
+    console.print(f"machine: {platform.processor() or platform.machine()}, {threads} torch thread(s), "
                   f"torch {torch.__version__}")
     rows = bench_ops() if what == "ops" else bench_mixers()
     table = Table(show_edge=False)

@@ -89,3 +89,11 @@ def test_cli_overrides_on_both_sides_of_config(tmp_path, capsys):
     code = main(["train", "--config", str(first), "model.num_iter=2", "--config", str(second), "model.sovler=cg"])
     assert code == 2
     assert "unknown config key 'model.sovler'" in capsys.readouterr().err
+
+
+def test_listing_commands_show_every_key(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(key in out for key in ("model.name=gka", "model.num_iter", "model.ridge_mode", "model.d_state"))
+    assert main(["tasks"]) == 0
+    assert "task.num_kv_pairs" in capsys.readouterr().out

@@ -33,7 +33,7 @@ def test_attention_learns_mqar(tmp_path):
     assert summary["steps"] <= 1500
 
 
-def test_summary_tensorboard_and_checkpoint(tmp_path):
+def test_summary_tensorboard_and_checkpoint(tmp_path, capsys):
     overrides = ["model.name=gka", "model.num_iter=2", "model.d_model=16", "task.vocab_size=80",
                  "task.seq_len=32", "data.num_train=128", "data.num_test=64", "trainer.max_epochs=2",
                  "trainer.batch_size=32", "trainer.log_every_n_steps=1", "trainer.progress=plain", f"runs_dir={tmp_path}", "experiment=exp",
@@ -60,6 +60,11 @@ def test_summary_tensorboard_and_checkpoint(tmp_path):
     hparams = events.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in hparams
     assert b"model.num_iter" in hparams["_hparams_/session_start_info"]
+
+    assert main(["runs", "exp", "--runs-dir", str(tmp_path)]) == 0
+    assert "first" in capsys.readouterr().out
+    assert main(["runs", "missing", "--runs-dir", str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
 
 
 def test_existing_run_directory_is_kept(tmp_path, capsys):
