@@ -60,6 +60,11 @@ class TaskDataModule(L.LightningDataModule):
         if len(vocab_sizes) > 1:
             raise LabError(f"data slices: all slices must share task.vocab_size (got {sorted(vocab_sizes)})")
         self.vocab_size = vocab_sizes.pop()
+        longest = max(s.seq_len for s in self.train_slices + self.test_slices)
+        positions = run.model.max_position_embeddings
+        if 0 < positions < longest:
+            raise LabError(f"model.max_position_embeddings={positions}: must be 0 or >= the longest sequence "
+                           f"of the data ({longest})")
         self.train_set = self.test_set = None
         self.test_slice_names: list[str] = []
 

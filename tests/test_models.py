@@ -6,6 +6,7 @@ import torch
 from lab.models import MODELS, build_model
 
 SMALL = {
+    "attention_positions": {"d_model": 16, "num_heads": 2, "max_position_embeddings": 24},
     "attention": {"d_model": 16, "num_heads": 2},
     "gka": {"d_model": 16, "num_heads": 2, "head_dim": 6, "chunk_size": 8, "num_iter": 5},
     "gka_cg": {"d_model": 16, "num_heads": 2, "solver": "cg", "chunk_size": 8, "num_iter": 5, "gating": False},

@@ -67,6 +67,14 @@ def test_summary_tensorboard_and_checkpoint(tmp_path, capsys):
     assert "no finished runs" in capsys.readouterr().err
 
 
+def test_too_few_learned_positions_is_rejected_before_training(tmp_path, capsys):
+    code = main(["train", "model.max_position_embeddings=32", "task.seq_len=64", f"runs_dir={tmp_path}"])
+    assert code == 2
+    assert "model.max_position_embeddings=32: must be 0 or >= the longest sequence of the data (64)" in (
+        capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
+
+
 def test_existing_run_directory_is_kept(tmp_path, capsys):
     run_dir = tmp_path / "exp" / "taken"
     run_dir.mkdir(parents=True)
