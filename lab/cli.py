@@ -12,6 +12,8 @@ USAGE_EXAMPLES = """examples:
   lab train --config configs/demo.yaml model.name=gka model.num_iter=10
   lab tasks | lab models
   lab runs demo
+  lab sweep --config configs/sweeps/demo.yaml --workers 2
+  lab report demo
   lab tb
   lab bench ops | lab bench mixers"""
 
@@ -20,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # `lab train --config a.yaml x=1 --config b.yaml y=2`: overrides may come on both sides of --config
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "train" or any(item.startswith("-") for item in extra)):
+    if extra and (args.command not in ("train", "sweep") or any(item.startswith("-") for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
@@ -44,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="config file; repeat to layer several (later wins)")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.set_defaults(handler=cmd_train)
+
+    sweep = commands.add_parser("sweep", help="run or resume an Optuna study (key=value: sweep.* or run keys)")
+    sweep.add_argument("--config", required=True, metavar="YAML", help="sweep file (sections sweep: and run:)")
+    sweep.add_argument("--workers", type=int, default=None, help="worker processes (default: sweep.workers)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    report = commands.add_parser("report", help="write runs/<study>/report/ (table, plots, TensorBoard)")
+    report.add_argument("study")
+    report.add_argument("--runs-dir", default="runs")
+    report.add_argument("--storage", default=None, help="storage URL if not the one in runs/<study>/sweep.yaml")
+    report.set_defaults(handler=cmd_report)
 
     commands.add_parser("tasks", help="list tasks with their parameters").set_defaults(handler=cmd_tasks)
     commands.add_parser("models", help="list models with their parameters").set_defaults(handler=cmd_models)
@@ -73,6 +87,22 @@ def cmd_train(args) -> int:
     summary = train(run)
     print_summaries([summary])
     print(f"run directory: {summary['run_dir']}  (TensorBoard: lab tb)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from sweeps.runner import run_sweep
+
+    summary = run_sweep(args.config, args.overrides, workers=args.workers)
+    return 0 if not summary["counts"]["left"] else 1
+
+
+def cmd_report(args) -> int:
+    from sweeps.report import write_report
+
+    report = write_report(args.study, args.runs_dir, storage=args.storage)
+    console().print(report["table"])
+    print(f"report: {report['dir']}  ({', '.join(report['figures'])}; TensorBoard: lab tb --logdir {report['dir']})")
     return 0
 
 

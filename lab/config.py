@@ -65,12 +65,13 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-def load_config(config_files: list[str] = (), overrides: list[str] = ()) -> RunConfig:
-    """YAML files (later wins), then `key=value` overrides -> a validated RunConfig (dataclass objects)."""
-    raw = OmegaConf.create()
+def load_config(config_files: list[str] = (), overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """`base` (a config as nested dicts), YAML files (later wins), then `key=value` overrides -> a validated
+    RunConfig (dataclass objects)."""
+    raw = OmegaConf.create(base or {})
     for path in config_files:
-        raw = OmegaConf.merge(raw, _load_yaml(path))
-    raw = OmegaConf.merge(raw, _parse_overrides(overrides))
+        raw = OmegaConf.merge(raw, load_yaml(path))
+    raw = OmegaConf.merge(raw, parse_overrides(overrides))
     model_cls = model_config_class(OmegaConf.select(raw, "model.name", default=ModelConfig.name))
     try:
         task_spec = tasks.get_task(OmegaConf.select(raw, "task.name", default="mqar"))
@@ -153,7 +154,7 @@ def _validate_task(task_cfg) -> None:
         raise LabError(str(err)) from None
 
 
-def _load_yaml(path: str) -> DictConfig:
+def load_yaml(path: str) -> DictConfig:
     if not Path(path).is_file():
         raise LabError(f"--config {path}: no such file")
     try:
@@ -165,7 +166,7 @@ def _load_yaml(path: str) -> DictConfig:
     return loaded
 
 
-def _parse_overrides(overrides: list[str]) -> DictConfig:
+def parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise LabError(f"{item!r}: overrides are key=value (e.g. model.d_model=128)")

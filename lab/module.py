@@ -8,7 +8,12 @@ import torch.nn.functional as F
 
 from lab.config import RunConfig
 from lab.data import IGNORE
+from lab.errors import LabError
 from lab.models import LanguageModel
+
+
+class DivergedError(LabError):
+    """The training loss became NaN or infinite: the run cannot recover (sweeps record the trial FAILED)."""
 
 
 class LabModule(L.LightningModule):
@@ -31,6 +36,10 @@ class LabModule(L.LightningModule):
         inputs, labels, _ = batch
         logits, targets, _ = self.supervised_logits(inputs, labels)
         loss = F.cross_entropy(logits.float(), targets)
+        # checked at logging steps only: the check syncs with a GPU, and NaN weights stay NaN until then
+        if self.global_step % self.run.trainer.log_every_n_steps == 0 and not torch.isfinite(loss):
+            raise DivergedError(f"train/loss is {loss.item()} at step {self.global_step} "
+                                f"(lr {self.optimizers().param_groups[0]['lr']:.3g}); try a smaller trainer.lr")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss

@@ -85,8 +85,11 @@ def validation_schedule(run: RunConfig) -> dict:
     return {"check_val_every_n_epoch": run.trainer.val_every_n_epochs}
 
 
-def train(run: RunConfig) -> dict:
-    """Train one run and return its summary (also written to <run dir>/summary.json)."""
+def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict:
+    """Train one run and return its summary (also written to <run dir>/summary.json).
+
+    `callbacks` are added to the trainer's own (a sweep passes its pruning callback here).
+    """
     quiet_lightning()
     datamodule = TaskDataModule(run)  # validates slices before anything is written
     run_dir = run_directory(run)
@@ -109,7 +112,7 @@ def train(run: RunConfig) -> dict:
     throughput = Throughput()
     progress, bar = progress_callbacks(run.trainer.progress)
     trainer = L.Trainer(
-        default_root_dir=run_dir, logger=logger, callbacks=[checkpoint, early_stop, throughput, *progress],
+        default_root_dir=run_dir, logger=logger, callbacks=[checkpoint, early_stop, throughput, *progress, *callbacks],
         max_epochs=run.trainer.max_epochs, max_steps=run.trainer.max_steps, precision=run.trainer.precision,
         accelerator=run.trainer.accelerator, devices=run.trainer.devices, gradient_clip_val=run.trainer.grad_clip,
         log_every_n_steps=run.trainer.log_every_n_steps, **validation_schedule(run),

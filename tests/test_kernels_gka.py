@@ -112,12 +112,32 @@ PARITY_CASES = {
 def test_torch_matches_reference(case):
     seq_len, input_options, options, grad_tol = PARITY_CASES[case]
     inputs = make_inputs(zlib.crc32(case.encode()), seq_len, **input_options)
-    fast = outputs_and_grads(inputs, backend="torch", **options)
+    fast = outputs_and_grads(inputs, backend="torch", implicit_backward=False, **options)
     slow = outputs_and_grads(inputs, backend="reference", **options)
     assert fast.keys() == slow.keys()
     for name in fast:
         assert fast[name].dtype == torch.float64
         assert rel_err(fast[name], slow[name]) < (1e-6 if name in ("o", "H_T", "U_T") else grad_tol), name
+
+
+@pytest.mark.parametrize(("solver", "num_iter", "tol"), [("chebyshev", 64, 1e-5), ("cg", 30, 1e-10)])
+def test_implicit_backward_matches_the_exact_solve_gradient(solver, num_iter, tol):
+    """Implicit differentiation (the default torch backward) gives the exact solve's gradient once the
+    solver has converged: no stored iterates, one extra solve and one matvec."""
+    inputs = make_inputs(zlib.crc32(solver.encode()), 100, initial_state=True)
+    implicit = outputs_and_grads(inputs, backend="torch", solver=solver, num_iter=num_iter)
+    exact = outputs_and_grads(inputs, backend="reference", solver="exact")
+    for name in implicit:
+        assert rel_err(implicit[name], exact[name]) < tol, name
+
+
+def test_implicit_backward_near_unrolled_at_paper_settings():
+    """At r = 30 the two gradients differ by about the solver's own error (both ~1e-3 from the exact one)."""
+    inputs = make_inputs(11, 100, initial_state=True)
+    implicit = outputs_and_grads(inputs, backend="torch", num_iter=30)
+    unrolled = outputs_and_grads(inputs, backend="reference", num_iter=30)
+    for name in implicit:
+        assert rel_err(implicit[name], unrolled[name]) < (1e-12 if name in ("o", "dq", "dv") else 3e-2), name
 
 
 def test_chebyshev_converges_to_exact_solve():
@@ -172,7 +192,7 @@ def test_zero_keys_follow_the_same_convention_in_both_backends(solver):
     with torch.no_grad():
         inputs["k"][:, :10] = 0
         inputs["k"][:, ::4] = 0
-    fast = outputs_and_grads(inputs, backend="torch", solver=solver, num_iter=10)
+    fast = outputs_and_grads(inputs, backend="torch", solver=solver, num_iter=10, implicit_backward=False)
     slow = outputs_and_grads(inputs, backend="reference", solver=solver, num_iter=10)
     for name in fast:
         assert torch.isfinite(fast[name]).all() and torch.isfinite(slow[name]).all(), name

@@ -24,6 +24,7 @@ def gka(
     initial_state=None,
     output_final_state=False,
     backend="auto",
+    implicit_backward=True,
 ):
     """Gated KalmaNet, per batch element and head (GKA.md):
 
@@ -51,6 +52,9 @@ def gka(
         output_final_state: also return (H_T, U_T).
         backend: "torch" (chunk-wise parallel, autograd backward), "reference" (token loop, the
             test oracle), or "auto".
+        implicit_backward: gradients of the chebyshev / cg solves by implicit differentiation (GKA.md;
+            the "triton" path always does this); False = autograd through the unrolled iterations
+            ("torch" only; what "reference" differentiates).
     Returns:
         o [B, T, H, Dv] in q's dtype, or (o, (H_T, U_T)) with the states in the compute dtype
         (fp32, or float64 for float64 inputs).
@@ -98,4 +102,4 @@ def gka(
         return reference_gka(q, k, v, g, alpha, **options)
     # "auto": a Triton kernel (implicit backward) will take CUDA tensors here; until then the
     # PyTorch chunk path serves all.
-    return chunk_gka(q, k, v, g, alpha, chunk_size=chunk_size, **options)
+    return chunk_gka(q, k, v, g, alpha, chunk_size=chunk_size, implicit_backward=implicit_backward, **options)

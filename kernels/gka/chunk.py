@@ -16,7 +16,7 @@ import torch
 
 from ..chunking import chunk_inputs, decay_mask, from_chunks, scan_chunk_states, to_chunks
 from ..gla.chunk import gla_in_chunks
-from .solvers import ridge_bounds, ridge_solve
+from .solvers import chebyshev, conjugate_gradient, implicit_solve, ridge_bounds, ridge_solve
 
 
 def chunk_gka(
@@ -34,8 +34,13 @@ def chunk_gka(
     chunk_size,
     initial_state=None,
     output_final_state=False,
+    implicit_backward=True,
 ):
     """Same contract as `reference_gka`. Padded tail tokens (q = k = v = 0, g = 0) change nothing.
+
+    implicit_backward: the gradient of the iterative solves (chebyshev, cg) by implicit differentiation
+    (GKA.md; no iterates kept; assumes a symmetric initial H_0, as a covariance is); False = autograd
+    through the unrolled iterations, which is what the reference backend differentiates.
 
     For solver="exact" the per-token H_t of each chunk are materialised ([B, H, N, C, Dk, Dk]) for
     torch.linalg.solve; "chebyshev" and "cg" never form them.
@@ -64,9 +69,9 @@ def chunk_gka(
     )
     ridge, upper = ridge_bounds(sq_norm, ridge_ratio, ridge_mode)
 
-    def apply_A(x):
+    def apply_A(x, start_decay=start_decay, key_cov_start=key_cov_start, keys=keys, mask=mask, ridge=ridge):
         # Row c is (A_c x_c)^T. Multiplying by H_0^T rather than relying on H_0 = H_0^T keeps the
-        # gradient of a (possibly asymmetric) initial_state identical to the reference's.
+        # unrolled gradient of a (possibly asymmetric) initial_state identical to the reference's.
         decayed_start = (start_decay[..., None] * x) @ key_cov_start.mT
         return decayed_start + ((x @ keys.mT) * mask) @ keys + ridge * x
 
@@ -77,7 +82,17 @@ def chunk_gka(
         identity = torch.eye(keys.shape[-1], dtype=dtype, device=keys.device)
         return key_cov + ridge[..., None] * identity
 
-    x = ridge_solve(solver, apply_A, queries, ridge, upper, num_iter, dense_A)
+    if implicit_backward and solver != "exact":
+        bounds = (ridge.detach(), upper.detach())
+        if solver == "chebyshev":
+            def solve(apply, rhs):
+                return chebyshev(apply, rhs, *bounds, num_iter)
+        else:
+            def solve(apply, rhs):
+                return conjugate_gradient(apply, rhs, num_iter)
+        x = implicit_solve(solve, apply_A, queries, (start_decay, key_cov_start, keys, mask, ridge))
+    else:
+        x = ridge_solve(solver, apply_A, queries, ridge, upper, num_iter, dense_A)
     if alpha is not None:
         x = queries + to_chunks(alpha.to(dtype), chunk_size)[..., None] * (x - queries)
     o, value_key_final = gla_in_chunks(scale * x, keys, values, log_decay, mask, value_key_init)

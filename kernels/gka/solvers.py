@@ -71,3 +71,36 @@ def ridge_solve(solver, apply_A, rhs, ridge, upper, num_iter, dense_A):
     if solver == "cg":
         return conjugate_gradient(apply_A, rhs, num_iter)
     return torch.linalg.solve(dense_A(), rhs)
+
+
+def implicit_solve(solve, apply_A, rhs, params):
+    """x = solve(A, rhs) with the gradient of the exact solve A^{-1} rhs (implicit differentiation).
+
+    `apply_A(x, *params)` applies A(params), which must be symmetric; `solve(apply, rhs)` is the
+    iterative solver. Forward: the solve without an autograd graph. Backward (GKA.md): a second solve
+    d_rhs = A^{-1} dx, then d_params = -d/dparams <d_rhs, A(params) x> by autograd through one matvec.
+    No iterates are kept, and the solver's bounds (which depend on params) are not differentiated.
+    """
+    return _ImplicitSolve.apply(solve, apply_A, rhs, *params)
+
+
+class _ImplicitSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, solve, apply_A, rhs, *params):
+        x = solve(lambda y: apply_A(y, *params), rhs)
+        ctx.solve, ctx.apply_A = solve, apply_A
+        ctx.save_for_backward(x, *params)
+        return x
+
+    @staticmethod
+    def backward(ctx, dx):
+        x, *params = ctx.saved_tensors
+        rhs_grad = ctx.solve(lambda y: ctx.apply_A(y, *params), dx)  # A = A^T
+        wants = ctx.needs_input_grad[3:]
+        with torch.enable_grad():
+            live = [p.detach().requires_grad_(w) for p, w in zip(params, wants, strict=True)]
+            product = ctx.apply_A(x, *live)
+            wanted = [p for p in live if p.requires_grad]
+            grads = iter(torch.autograd.grad(product, wanted, grad_outputs=-rhs_grad) if wanted else ())
+        param_grads = [next(grads) if w else None for w in wants]
+        return None, None, rhs_grad if ctx.needs_input_grad[2] else None, *param_grads

@@ -1,0 +1,262 @@
+"""`lab report <study>`: per-cell table (best over lr), Zoology-style plots, Optuna's plots, TensorBoard.
+
+Everything goes to runs/<study>/report/: report.md, cells.csv, runs.json, *.png, and tb/ (TensorBoard).
+"""
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt
+import optuna
+from optuna.trial import TrialState
+
+from lab.errors import LabError
+from sweeps.spec import LR_KEY, VARIANT_KEY, describe, load_sweep
+from sweeps.study import create_or_load
+
+
+def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = None) -> dict:
+    study_dir = Path(runs_dir) / study_name
+    sweep_file = study_dir / "sweep.yaml"
+    if not sweep_file.is_file():
+        raise LabError(f"no sweep at {study_dir} (no sweep.yaml there); run `lab sweep` first or pass --runs-dir")
+    overrides = [f"sweep.storage={storage}"] if storage else []
+    sweep = load_sweep(str(sweep_file), overrides)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = create_or_load(sweep, create=False)
+    runs = collect_runs(study)
+    if not runs:
+        raise LabError(f"study {study_name!r} has no finished runs yet")
+    cells = best_per_cell(runs, sweep.cfg.metric, sweep.cfg.direction)
+
+    out_dir = study_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric = sweep.cfg.metric
+    rows = [cell_row(cell, metric, sweep.cfg.variants) for cell in cells]
+    (out_dir / "report.md").write_text(markdown(study_name, sweep, rows, runs))
+    with open(out_dir / "cells.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "runs.json").write_text(json.dumps(runs, indent=2, default=str))
+
+    figures = {
+        "accuracy_vs_d_model": zoology_plot(cells, "d_model", metric, sweep.cfg.variants),
+        "accuracy_vs_state_size": zoology_plot(cells, "state_size_bytes", metric, sweep.cfg.variants),
+        "ablation": ablation_chart(cells, metric, sweep.cfg.variants),
+        **optuna_plots(study),
+    }
+    written = []
+    for name, fig in figures.items():
+        if fig is None:
+            continue
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        written.append(path.name)
+    log_tensorboard(out_dir / "tb", figures, rows, (out_dir / "report.md").read_text())
+    for fig in figures.values():
+        if fig is not None:
+            plt.close(fig)
+    return {"dir": str(out_dir), "figures": written, "cells": rows, "table": rich_table(rows, metric)}
+
+
+def collect_runs(study: optuna.Study) -> list[dict]:
+    """Every trained run (complete or pruned; failures listed too), with its full config from summary.json."""
+    runs = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        if not trial.state.is_finished() or "duplicate_of" in attrs or "overrides" not in attrs:
+            continue
+        if trial.state == TrialState.FAIL and "error" not in attrs:
+            continue  # lost with its worker; its re-run is another trial
+        config = {}
+        summary_path = Path(attrs.get("run_dir", "")) / "summary.json"
+        if summary_path.is_file():
+            config = json.loads(summary_path.read_text())["config"]
+        runs.append({
+            "trial": trial.number, "state": trial.state.name.lower(), "overrides": attrs["overrides"],
+            "cell": attrs.get("cell", ""), "lr": attrs["overrides"].get(LR_KEY, config.get("trainer", {}).get("lr")),
+            "error": attrs.get("error"), "pruned_at": attrs.get("pruned_at"), "config": config,
+            **{k: attrs.get(k) for k in ("best_val_acc", "final_val_acc", "final_val_loss", "params",
+                                         "state_size_bytes", "wall_seconds", "steps", "run_dir")},
+        })
+    return runs
+
+
+def best_per_cell(runs: list[dict], metric: str, direction: str) -> list[dict]:
+    """Zoology's protocol: a cell (a run up to its lr) scores the best of its lrs. Cells keep first-seen order."""
+    by_cell = defaultdict(list)
+    for run in sorted(runs, key=lambda r: r["trial"]):
+        by_cell[run["cell"]].append(run)
+    cells = []
+    for cell, members in by_cell.items():
+        scored = [r for r in members if r.get(metric) is not None and not _nan(r[metric])]
+        sign = 1 if direction == "maximize" else -1
+        best = max(scored, key=lambda r: sign * r[metric]) if scored else None
+        cells.append({"cell": cell, "overrides": {k: v for k, v in members[0]["overrides"].items() if k != LR_KEY},
+                      "best": best, "runs": members})
+    return cells
+
+
+def _nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def cell_row(cell: dict, metric: str, variants: dict) -> dict:
+    best = cell["best"] or {}
+    config = best.get("config") or {}
+    runs = cell["runs"]
+    return {
+        "cell": describe(cell["overrides"], variants) or "(base)",
+        "model": config.get("model", {}).get("name", ""),
+        "d_model": config.get("model", {}).get("d_model", ""),
+        "seq_len": config.get("task", {}).get("seq_len", ""),
+        "num_kv_pairs": config.get("task", {}).get("num_kv_pairs", ""),
+        f"best {metric}": round(best[metric], 4) if best else "",
+        "lr": best.get("lr", ""),
+        "params": best.get("params", ""),
+        "state_size_bytes": best.get("state_size_bytes", ""),
+        "wall_seconds": round(sum(r.get("wall_seconds") or 0 for r in runs), 1),
+        "runs": f"{sum(r['state'] == 'complete' for r in runs)} done, {sum(r['state'] == 'pruned' for r in runs)} "
+                f"pruned, {sum(r['state'] == 'fail' for r in runs)} failed",
+        "best_trial": best.get("trial", ""),
+    }
+
+
+def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict]) -> str:
+    columns = list(rows[0])
+    lines = [f"# Study `{study_name}`", "",
+             (f"Storage `{sweep.storage_url}`; sampler {sweep.cfg.sampler}; metric {sweep.cfg.metric} "
+              f"({sweep.cfg.direction}); each cell's score is its best over lr {sweep.cfg.lrs or '(not swept)'}."),
+             "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    failures = [r for r in runs if r["error"]]
+    if failures:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- trial {r['trial']} ({describe(r['overrides'], sweep.cfg.variants)}): {r['error']}" for r in failures]
+    lines += ["", "Figures: " + ", ".join(f"`{n}.png`" for n in ("accuracy_vs_d_model", "accuracy_vs_state_size",
+                                                                  "ablation", "optimization_history",
+                                                                  "param_importances")), ""]
+    return "\n".join(lines)
+
+
+def series_name(cell: dict, variants: dict) -> str:
+    """What a line of the Zoology plot follows: the variant if the sweep has them, else the model."""
+    overrides = cell["overrides"]
+    if VARIANT_KEY in overrides:
+        return str(overrides[VARIANT_KEY])
+    config = (cell["best"] or {}).get("config") or {}
+    return config.get("model", {}).get("name", "run")
+
+
+def zoology_plot(cells: list[dict], x_key: str, metric: str, variants: dict):
+    """Best accuracy vs d_model (or state size), a line per model/variant, a panel per (seq_len, num_kv_pairs)."""
+    panels = defaultdict(lambda: defaultdict(list))
+    for cell in cells:
+        best = cell["best"]
+        if not best or not best.get("config"):
+            continue
+        config = best["config"]
+        x = config["model"]["d_model"] if x_key == "d_model" else best.get("state_size_bytes")
+        if x is None:
+            continue
+        panel = (config["task"].get("seq_len"), config["task"].get("num_kv_pairs"))
+        panels[panel][series_name(cell, variants)].append((x, best[metric]))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, (panel, series) in zip(axes[0], sorted(panels.items(), key=lambda kv: str(kv[0]))):
+        for name, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.set_title(f"seq_len {panel[0]}, kv pairs {panel[1]}" if panel[1] is not None else f"seq_len {panel[0]}")
+        ax.set_xscale("log", base=2 if x_key == "d_model" else 10)
+        ax.set_xlabel("d_model" if x_key == "d_model" else "recurrent state (bytes, fp32)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric} (best over lr)")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def ablation_chart(cells: list[dict], metric: str, variants: dict):
+    scored = [c for c in cells if c["best"]]
+    if not scored:
+        return None
+    labels = [describe(c["overrides"], variants) or "(base)" for c in scored]
+    values = [c["best"][metric] for c in scored]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(scored) + 1.2))
+    bars = ax.barh(range(len(scored)), values, color="tab:blue")
+    ax.set_yticks(range(len(scored)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    ax.set_xlabel(f"{metric} (best over lr)")
+    ax.set_xlim(0, max(1.0, max(values) * 1.1))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def optuna_plots(study: optuna.Study) -> dict:
+    """Optuna's optimisation history and parameter importances (skipped while too few trials exist)."""
+    import warnings
+
+    from optuna.visualization import matplotlib as optuna_mpl
+
+    figures = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        for name, plot in (("optimization_history", optuna_mpl.plot_optimization_history),
+                           ("param_importances", optuna_mpl.plot_param_importances)):
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                figures[name] = None  # e.g. importances need two complete trials and a varied parameter
+                continue
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(7, 4)
+            fig.tight_layout()
+            figures[name] = fig
+    return figures
+
+
+def log_tensorboard(log_dir: Path, figures: dict, rows: list[dict], text: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        for name, fig in figures.items():
+            if fig is not None:
+                writer.add_figure(f"report/{name}", fig, close=False)
+        writer.add_text("report/table", text)
+    metric_key = next(k for k in rows[0] if k.startswith("best "))
+    for index, row in enumerate(rows):
+        if row[metric_key] == "":
+            continue
+        hparams = {k: (v if isinstance(v, (int, float, str)) else str(v))
+                   for k, v in row.items() if k not in (metric_key, "runs", "best_trial", "wall_seconds")}
+        with SummaryWriter(str(log_dir)) as writer:
+            writer.add_hparams(hparams, {f"hp/{metric_key.removeprefix('best ')}": row[metric_key],
+                                         "hp/wall_seconds": row["wall_seconds"]}, run_name=f"cell-{index:03d}")
+
+
+def rich_table(rows: list[dict], metric: str):
+    from rich.table import Table
+
+    from lab.cli import human_bytes
+
+    table = Table(show_edge=False, title="best over lr per cell", title_justify="left")
+    for column in ("cell", f"best {metric}", "lr", "params", "state size", "wall time", "runs"):
+        table.add_column(column, justify="left" if column in ("cell", "runs") else "right")
+    for row in rows:
+        size = row["state_size_bytes"]
+        table.add_row(row["cell"], str(row[f"best {metric}"]), f"{row['lr']:.2g}" if isinstance(row["lr"], float) else str(row["lr"]),
+                      f"{row['params']:,}" if row["params"] != "" else "", human_bytes(size) if size != "" else "",
+                      f"{row['wall_seconds']:.0f} s", row["runs"])
+    return table

@@ -1,0 +1,174 @@
+"""`lab sweep`: create or resume the study, start the workers, show one line per finished trial, summarise."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from lab.errors import LabError
+from sweeps.spec import Sweep, describe, load_sweep
+from sweeps.study import create_or_load, recover_orphans
+from sweeps.worker import done_count
+
+POLL_SECONDS = 1.0
+
+
+def run_sweep(config: str, overrides: list[str], workers: int | None = None) -> dict:
+    from lab.cli import console
+
+    sweep = load_sweep(config, overrides)
+    if workers is not None:
+        if workers < 1:
+            raise LabError(f"--workers {workers}: must be >= 1")
+        sweep.cfg.workers = workers
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = create_or_load(sweep, create=True)
+    _refuse_foreign_trials(sweep, study)
+    out = console()
+    for number in recover_orphans(study, sweep.cfg.max_retry):
+        out.print(f"trial {number}: its worker had died; re-queued")
+    sweep_file = _write_sweep_file(sweep)
+
+    budget = sweep.budget()
+    out.print(f"study {sweep.cfg.study}: {budget} runs ({sweep.cfg.sampler} sampler), {sweep.cfg.workers} "
+              f"worker(s), storage {sweep.storage_url}")
+    started = time.perf_counter()
+    procs = _start_workers(sweep, sweep_file)
+    try:
+        _monitor(sweep, study, procs, budget, out)
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait()
+        raise LabError(f"interrupted; the trials that were running re-run when you start "
+                       f"`lab sweep --config {config}` again") from None
+    summary = _summary(sweep, study, time.perf_counter() - started)
+    _print_summary(summary, out)
+    if sweep.cfg.report and summary["counts"]["complete"]:
+        from sweeps.report import write_report
+
+        report = write_report(sweep.cfg.study, sweep.runs_dir, storage=sweep.cfg.storage)
+        out.print(report["table"])
+        out.print(f"report: {report['dir']}  (TensorBoard: lab tb --logdir {sweep.study_dir})")
+        summary["report"] = report["dir"]
+    return summary
+
+
+def _refuse_foreign_trials(sweep: Sweep, study: optuna.Study) -> None:
+    """Trial directories with no trials in the database belong to another study: never write over them."""
+    if study.get_trials(deepcopy=False):
+        return
+    stray = sorted(p.name for p in sweep.study_dir.glob("trial-*"))
+    if stray:
+        raise LabError(f"{sweep.study_dir} holds trial directories ({', '.join(stray[:3])}...) but study "
+                       f"{sweep.cfg.study!r} in {sweep.storage_url} has no trials; move them away or choose "
+                       "another sweep.study")
+
+
+def _write_sweep_file(sweep: Sweep) -> Path:
+    """runs/<study>/sweep.yaml: the resolved sweep, self-contained (base configs merged in), for the workers."""
+    data = {"sweep": {**vars(sweep.cfg), "base_configs": []}, "run": sweep.run}
+    path = sweep.study_dir / "sweep.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)  # atomic: a worker never reads half a file
+    return path
+
+
+def _start_workers(sweep: Sweep, sweep_file: Path) -> list[subprocess.Popen]:
+    logs = sweep.study_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    threads = sweep.cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // sweep.cfg.workers)
+    procs = []
+    for index in range(sweep.cfg.workers):
+        log = open(logs / f"worker-{index}.log", "a")  # noqa: SIM115 - the child writes it until it exits
+        # own session: Ctrl-C reaches the launcher only, which stops the workers itself
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "sweeps.worker", str(sweep_file), str(index), str(threads)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        log.close()
+    return procs
+
+
+def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], budget: int, out) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    reported = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=out, transient=False) as progress:
+        bar = progress.add_task(sweep.cfg.study, total=budget, completed=done_count(sweep, study.get_trials(deepcopy=False)))
+        while True:
+            alive = [p for p in procs if p.poll() is None]
+            for proc in procs:
+                if proc.returncode not in (None, 0) and not getattr(proc, "noticed", False):
+                    proc.noticed = True
+                    lost = recover_orphans(study, sweep.cfg.max_retry)
+                    progress.console.print(f"[red]worker {procs.index(proc)} exited with {proc.returncode}[/] "
+                                           f"(log: {sweep.study_dir / 'logs'}); re-queued trials: {lost or 'none'}")
+            for trial in study.get_trials(deepcopy=False):
+                if trial.state.is_finished() and trial.number not in reported:
+                    reported.add(trial.number)
+                    progress.console.print(trial_line(trial, sweep))
+            progress.update(bar, completed=min(budget, done_count(sweep, study.get_trials(deepcopy=False))))
+            if not alive:
+                return
+            time.sleep(POLL_SECONDS)
+
+
+def trial_line(trial: FrozenTrial, sweep: Sweep) -> str:
+    attrs = trial.user_attrs
+    metric = sweep.cfg.metric
+    label = describe(attrs.get("overrides", {}), sweep.cfg.variants)
+    head = f"trial {trial.number:>3}"
+    if "duplicate_of" in attrs:
+        known = f", {metric} {trial.value:.3f}" if trial.state == TrialState.COMPLETE else ""
+        return f"{head}  [dim]skipped  same run as trial {attrs['duplicate_of']}{known}[/]  {label}"
+    if trial.state == TrialState.COMPLETE:
+        return (f"{head}  [green]done[/]     {metric} {trial.value:.3f}  {label}  "
+                f"({attrs.get('steps')} steps, {attrs.get('wall_seconds', 0):.0f} s)")
+    if trial.state == TrialState.PRUNED:
+        return f"{head}  [yellow]pruned[/]   at step {attrs.get('pruned_at')}  {label}"
+    if "error" in attrs:
+        return f"{head}  [red]FAILED[/]   {attrs['error']}  {label}"
+    return f"{head}  [red]lost[/]     its worker died; re-queued  {label}"
+
+
+def _summary(sweep: Sweep, study: optuna.Study, seconds: float) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    counts = {
+        "complete": sum(t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs for t in trials),
+        "pruned": sum(t.state == TrialState.PRUNED and "duplicate_of" not in t.user_attrs for t in trials),
+        "failed": sum(t.state == TrialState.FAIL and "error" in t.user_attrs for t in trials),
+        "duplicates": sum("duplicate_of" in t.user_attrs for t in trials),
+        "lost": sum(t.state == TrialState.FAIL and "error" not in t.user_attrs for t in trials),
+        "left": max(0, sweep.budget() - done_count(sweep, study.get_trials(deepcopy=False))),
+    }
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = None
+    if complete:
+        pick = max if sweep.cfg.direction == "maximize" else min
+        trial = pick(complete, key=lambda t: t.value)
+        best = {"trial": trial.number, "value": trial.value, "run": describe(trial.user_attrs.get("overrides", {}), sweep.cfg.variants),
+                "run_dir": trial.user_attrs.get("run_dir")}
+    return {"study": sweep.cfg.study, "storage": sweep.storage_url, "counts": counts, "best": best,
+            "metric": sweep.cfg.metric, "seconds": seconds}
+
+
+def _print_summary(summary: dict, out) -> None:
+    counts = summary["counts"]
+    out.print(f"study {summary['study']}: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+              + f"  ({summary['seconds']:.0f} s)")
+    if summary["best"]:
+        best = summary["best"]
+        out.print(f"best: trial {best['trial']}  {summary['metric']} {best['value']:.3f}  {best['run']}")
+    if counts["left"]:
+        out.print(f"{counts['left']} runs left: run the same command again to continue")

@@ -1,0 +1,337 @@
+"""A sweep is data: one YAML file with a `sweep:` section (the study) and a `run:` section (the base run).
+
+    sweep:
+      study: gka_ablation                 # runs/<study>/ and the Optuna study name
+      base_configs: [configs/demo.yaml]   # run config files under `run:` (like `lab train --config`)
+      sampler: grid                       # grid | tpe | random
+      lrs: [1.0e-3, 1.0e-2]               # every cell at each lr; a cell's score is its best (Zoology)
+      variants:                           # named override sets: one categorical axis
+        gka: {model.name: gka}
+        no_gating: {model.name: gka, model.gating: false}
+      space:                              # more axes, crossed with the variants
+        model.d_model: [64, 128]                              # a list: categorical (grid axis)
+        model.num_iter: {values: [1, 30], when: {model.name: gka}}   # sampled only when the condition holds
+        trainer.weight_decay: {type: float, low: 0.0, high: 0.2}     # numeric: tpe / random only
+    run:                                  # run config keys on top of base_configs
+      trainer: {max_steps: 800}
+
+A trial samples `variant`, then the space in file order, then `trainer.lr`; keys whose `when` does not hold
+are left out, so two grid points can name the same run (a duplicate, skipped by the worker).
+"""
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lab.config import RunConfig, load_config, load_yaml, parse_overrides, to_dict
+from lab.errors import LabError
+
+SAMPLERS = ("grid", "tpe", "random")
+PRUNERS = ("none", "median", "hyperband")
+METRICS = {"best_val_acc": "maximize", "final_val_acc": "maximize", "final_val_loss": "minimize"}
+DIRECTIONS = ("maximize", "minimize")
+LR_KEY = "trainer.lr"
+VARIANT_KEY = "variant"
+
+
+@dataclass
+class SweepConfig:
+    study: str = ""  # study name: runs/<study>/ holds the database, trials and report
+    base_configs: list[str] = field(default_factory=list)  # run config files merged under `run:`
+    storage: str | None = None  # None = sqlite:///<runs_dir>/<study>/study.db; any SQLAlchemy URL; *.log = journal
+    sampler: str = "grid"  # grid (ablations) | tpe (tuning) | random
+    seed: int = 0  # sampler seed
+    pruner: str = "none"  # none | median | hyperband (on val/acc at each validation)
+    pruner_startup_trials: int = 4  # median: trials finished before any pruning
+    pruner_warmup_steps: int = 0  # no pruning before this training step
+    metric: str = "best_val_acc"  # summary.json value a trial reports: best_val_acc | final_val_acc | final_val_loss
+    direction: str = "maximize"
+    n_trials: int | None = None  # trial budget; grid: None = every cell at every lr
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 4.6e-4, 2.2e-3, 1e-2])  # [] = lr not swept
+    variants: dict[str, Any] = field(default_factory=dict)  # name -> {run key: value}
+    space: dict[str, Any] = field(default_factory=dict)  # run key -> list | {values, when} | {type, low, high, ...}
+    workers: int = 1  # worker processes on this host
+    threads_per_worker: int = 0  # torch CPU threads per worker; 0 = cores / workers
+    heartbeat_interval: int = 10  # seconds; a trial whose worker died is failed after grace_period and re-run
+    grace_period: int = 30
+    max_retry: int = 2  # re-runs of a trial whose worker died
+    report: bool = True  # write runs/<study>/report/ when the study ends
+
+
+@dataclass
+class Axis:
+    key: str
+    values: list | None = None  # categorical choices
+    kind: str = "categorical"  # categorical | int | float
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    when: dict[str, list] = field(default_factory=dict)
+
+    def active(self, chosen: dict, base: dict) -> bool:
+        return all(chosen.get(key, base.get(key)) in allowed for key, allowed in self.when.items())
+
+    def suggest(self, trial) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.key, self.values)
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+
+@dataclass
+class Sweep:
+    """A resolved sweep: its settings, the base run (as a flat dict of keys) and the axes in sampling order."""
+
+    cfg: SweepConfig
+    run: dict  # the base run config as written (files + inline + command line), nested
+    base_flat: dict  # the same, resolved and flat ("model.name": ...): what `when` conditions read
+    runs_dir: str
+    axes: list[Axis]
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.runs_dir) / self.cfg.study
+
+    @property
+    def storage_url(self) -> str:
+        return self.cfg.storage or f"sqlite:///{self.study_dir / 'study.db'}"
+
+    def sample(self, trial) -> dict[str, Any]:
+        """The run overrides of one trial: variant overrides, then each active axis."""
+        chosen: dict[str, Any] = {}
+        for axis in self.axes:
+            if not axis.active(chosen, self.base_flat):
+                continue
+            value = axis.suggest(trial)
+            if axis.key == VARIANT_KEY:
+                chosen[VARIANT_KEY] = value
+                chosen.update(self.cfg.variants[value])
+            else:
+                chosen[axis.key] = value
+        return chosen
+
+    def run_config(self, overrides: dict[str, Any], **extra: Any) -> RunConfig:
+        """The run config of one trial: base run, then the trial's overrides, then `extra` (run_name...)."""
+        items = {k: v for k, v in overrides.items() if k != VARIANT_KEY} | extra
+        dotlist = [f"{key}={yaml_value(value)}" for key, value in items.items()]
+        return load_config([], dotlist, base=self.run)
+
+    def grid_space(self) -> dict[str, list]:
+        return {axis.key: list(axis.values) for axis in self.axes}
+
+    def grid_cells(self) -> list[dict[str, Any]]:
+        """Every distinct run of a grid sweep (conditional axes make some grid points coincide)."""
+        space = self.grid_space()
+        keys = list(space)
+        seen, cells = set(), []
+        for combo in itertools.product(*space.values()):
+            point = dict(zip(keys, combo))
+            overrides = self.sample(FixedTrial(point))
+            marker = cell_key(overrides, with_lr=True)
+            if marker not in seen:
+                seen.add(marker)
+                cells.append(overrides)
+        return cells
+
+    def budget(self) -> int:
+        return self.cfg.n_trials if self.cfg.n_trials is not None else len(self.grid_cells())
+
+
+class FixedTrial:
+    """Stands in for an Optuna trial when enumerating or validating: returns the given values."""
+
+    def __init__(self, params: dict[str, Any]):
+        self.params = params
+
+    def suggest_categorical(self, key, values):
+        return self.params.get(key, values[0])
+
+    def suggest_int(self, key, low, high, step=1, log=False):
+        return self.params.get(key, low)
+
+    def suggest_float(self, key, low, high, step=None, log=False):
+        return self.params.get(key, low)
+
+
+def cell_key(overrides: dict[str, Any], with_lr: bool = False) -> str:
+    """A cell is a run up to its learning rate: the Zoology protocol scores it by its best lr."""
+    items = {k: v for k, v in overrides.items() if with_lr or k != LR_KEY}
+    return yaml.safe_dump(items, sort_keys=True, default_flow_style=True).strip()
+
+
+def describe(overrides: dict[str, Any], variants: dict[str, dict] | None = None) -> str:
+    """A short label for a run: `gka_full d_model=64 lr=0.001` (the variant name, then the other axes)."""
+    variant = overrides.get(VARIANT_KEY)
+    hidden = set((variants or {}).get(variant, {}))
+    parts = [str(variant)] if variant else []
+    parts += [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items()
+              if key != VARIANT_KEY and key not in hidden]
+    return " ".join(parts)
+
+
+def yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
+    """Sweep YAML + `key=value` overrides (`sweep.*` keys go to the study, others to the base run)."""
+    if not Path(path).is_file():
+        raise LabError(f"--config {path}: no such file")
+    try:
+        raw = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise LabError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, DictConfig):
+        raise LabError(f"--config {path}: must hold a mapping with `sweep:` and `run:` sections")
+    unknown = set(raw.keys()) - {"sweep", "run"}
+    if unknown:
+        raise LabError(f"--config {path}: unknown top-level key(s) {', '.join(sorted(unknown))}; allowed: sweep, run")
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise LabError(f"{item!r}: overrides are key=value (e.g. sweep.workers=2 or trainer.max_steps=100)")
+    sweep_overrides = [item.removeprefix("sweep.") for item in overrides if item.startswith("sweep.")]
+    run_overrides = [item for item in overrides if not item.startswith("sweep.")]
+
+    cfg = _sweep_section(raw.get("sweep") or OmegaConf.create(), sweep_overrides)
+    base_files = [str(p) for p in cfg.base_configs]
+    for p in base_files:
+        if not Path(p).is_file():
+            raise LabError(f"sweep.base_configs: {p}: no such file")
+    inline = raw.get("run") or OmegaConf.create()
+    if not isinstance(inline, DictConfig):
+        raise LabError(f"--config {path}: `run:` must be a mapping of run config keys")
+    # files first, then the inline section, then the command line: the same layering as `lab train`.
+    # The base run stays as written (unresolved), so a variant may switch model.name without inheriting
+    # the keys of another model's defaults.
+    raw_run = OmegaConf.create()
+    for p in base_files:
+        raw_run = OmegaConf.merge(raw_run, load_yaml(p))
+    raw_run = OmegaConf.merge(raw_run, inline, parse_overrides(run_overrides))
+    run = OmegaConf.to_container(raw_run)
+    base_run = load_config([], [], base=run)
+    sweep = Sweep(cfg=cfg, run=run, base_flat=flat(to_dict(base_run)), runs_dir=base_run.runs_dir, axes=_axes(cfg))
+    _check_runs(sweep)
+    return sweep
+
+
+def _sweep_section(section, overrides: list[str]) -> SweepConfig:
+    schema = OmegaConf.structured(SweepConfig)
+    try:
+        merged = OmegaConf.merge(schema, section, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        first = str(err).splitlines()[0]
+        if "not in struct" in first or "Key '" in first and "not in" in first:
+            allowed = ", ".join(f.name for f in SweepConfig.__dataclass_fields__.values())
+            raise LabError(f"unknown sweep key 'sweep.{key}'; allowed: {allowed}") from None
+        raise LabError(f"sweep.{key}: {first}") from None
+    cfg: SweepConfig = OmegaConf.to_object(merged)
+    cfg.variants = _plain(cfg.variants)
+    cfg.space = _plain(cfg.space)
+    _validate(cfg)
+    return cfg
+
+
+def _plain(node):
+    return OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def _validate(cfg: SweepConfig) -> None:
+    if not cfg.study or "/" in cfg.study or cfg.study in (".", ".."):
+        raise LabError(f"sweep.study={cfg.study!r}: must be a plain non-empty name (it names runs/<study>/)")
+    if cfg.sampler not in SAMPLERS:
+        raise LabError(f"sweep.sampler={cfg.sampler!r}: unknown sampler; allowed: {', '.join(SAMPLERS)}")
+    if cfg.pruner not in PRUNERS:
+        raise LabError(f"sweep.pruner={cfg.pruner!r}: unknown pruner; allowed: {', '.join(PRUNERS)}")
+    if cfg.metric not in METRICS:
+        raise LabError(f"sweep.metric={cfg.metric!r}: allowed: {', '.join(METRICS)}")
+    if cfg.direction not in DIRECTIONS:
+        raise LabError(f"sweep.direction={cfg.direction!r}: allowed: {', '.join(DIRECTIONS)}")
+    if cfg.workers < 1:
+        raise LabError(f"sweep.workers={cfg.workers}: must be >= 1")
+    if cfg.n_trials is not None and cfg.n_trials < 1:
+        raise LabError(f"sweep.n_trials={cfg.n_trials}: must be >= 1 (or null: every grid cell)")
+    if cfg.sampler != "grid" and cfg.n_trials is None:
+        raise LabError(f"sweep.n_trials: a {cfg.sampler} study needs a trial budget (e.g. sweep.n_trials=50)")
+    if not cfg.space and not cfg.variants and not cfg.lrs:
+        raise LabError("sweep.space: empty search space (give sweep.space, sweep.variants or sweep.lrs)")
+    if cfg.lrs and LR_KEY in cfg.space:
+        raise LabError(f"sweep.space.{LR_KEY}: also set by sweep.lrs; use one of them (sweep.lrs=[] to search lr)")
+    if any(lr <= 0 for lr in cfg.lrs):
+        raise LabError(f"sweep.lrs={cfg.lrs}: learning rates must be > 0")
+    for name, overrides in cfg.variants.items():
+        if not isinstance(overrides, dict):
+            raise LabError(f"sweep.variants.{name}: must be a mapping of run keys, e.g. {{model.name: gka}}")
+    for key in ("heartbeat_interval", "grace_period"):
+        if getattr(cfg, key) < 1:
+            raise LabError(f"sweep.{key}={getattr(cfg, key)}: must be >= 1 second")
+
+
+def _axes(cfg: SweepConfig) -> list[Axis]:
+    axes = []
+    if cfg.variants:
+        axes.append(Axis(VARIANT_KEY, values=list(cfg.variants)))
+    for key, spec in cfg.space.items():
+        axes.append(_axis(key, spec, cfg.sampler))
+    if cfg.lrs:
+        axes.append(Axis(LR_KEY, values=[float(lr) for lr in cfg.lrs]))
+    return axes
+
+
+def _axis(key: str, spec: Any, sampler: str) -> Axis:
+    where = f"sweep.space.{key}"
+    if isinstance(spec, list):
+        spec = {"values": spec}
+    if not isinstance(spec, dict):
+        raise LabError(f"{where}: give a list of values or a mapping {{values: [...]}} / {{type, low, high}}")
+    allowed = {"values", "type", "low", "high", "log", "step", "when"}
+    if set(spec) - allowed:
+        raise LabError(f"{where}: unknown field(s) {', '.join(sorted(set(spec) - allowed))}; allowed: {', '.join(sorted(allowed))}")
+    when = {k: (v if isinstance(v, list) else [v]) for k, v in (spec.get("when") or {}).items()}
+    if "values" in spec:
+        values = spec["values"]
+        if not isinstance(values, list) or not values:
+            raise LabError(f"{where}: empty list of values")
+        return Axis(key, values=values, when=when)
+    kind = spec.get("type")
+    if kind not in ("int", "float"):
+        raise LabError(f"{where}: type={kind!r}; allowed: int, float (or give values: [...])")
+    if sampler == "grid":
+        raise LabError(f"{where}: the grid sampler needs a list of values, not a {kind} range")
+    if "low" not in spec or "high" not in spec or not spec["low"] < spec["high"]:
+        raise LabError(f"{where}: needs low < high, got low={spec.get('low')} high={spec.get('high')}")
+    if spec.get("log") and spec["low"] <= 0:
+        raise LabError(f"{where}: log=true needs low > 0")
+    return Axis(key, kind=kind, low=spec["low"], high=spec["high"], log=bool(spec.get("log", False)),
+                step=spec.get("step"), when=when)
+
+
+def _check_runs(sweep: Sweep) -> None:
+    """Build the run config of every grid cell (or of each variant at the axes' first values) before any trial:
+    a bad key or value fails here, in one line naming the cell, not hours into the study."""
+    if sweep.cfg.sampler == "grid":
+        cells = sweep.grid_cells()
+    else:
+        cells = [sweep.sample(FixedTrial({VARIANT_KEY: name} if name else {})) for name in sweep.cfg.variants or [None]]
+    for overrides in cells:
+        try:
+            sweep.run_config(overrides)
+        except LabError as err:
+            raise LabError(f"sweep cell {cell_key(overrides, with_lr=True)}: {err}") from None

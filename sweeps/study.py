@@ -1,0 +1,171 @@
+"""The Optuna side of a sweep: storage, sampler, pruner, creating/loading the study, recovering dead trials."""
+
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from lab.errors import LabError
+from sweeps.spec import Sweep
+
+# heartbeats and trial retries are marked experimental in Optuna; they are what resuming relies on
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+# Settings a study is defined by: rerunning with other values would mix two experiments in one database.
+IDENTITY_KEYS = ("sampler", "seed", "pruner", "pruner_startup_trials", "pruner_warmup_steps", "metric",
+                 "direction", "lrs", "variants", "space")
+
+
+def open_storage(sweep: Sweep):
+    """SQLite by default (one file per study), any SQLAlchemy URL, or an Optuna journal file (*.log)."""
+    url = sweep.storage_url
+    cfg = sweep.cfg
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
+    if "://" not in url:
+        if not url.endswith((".log", ".jsonl")):
+            raise LabError(f"sweep.storage={url!r}: give an SQLAlchemy URL (sqlite:///..., postgresql://...) "
+                           "or a journal file path ending in .log")
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    engine_kwargs = {"pool_pre_ping": True}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # several processes write one SQLite file: wait for the lock instead of failing at once
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
+                grace_period=cfg.grace_period, heartbeat_stale_trial_callback=retry)
+        except ImportError as err:
+            raise LabError(f"sweep.storage={url!r}: the database driver is not installed ({err})") from None
+        except Exception as err:  # noqa: BLE001 - two processes creating the schema at once; retry, then report
+            if attempt == 4:
+                raise LabError(f"sweep.storage={url!r}: cannot open ({str(err).splitlines()[0]})") from None
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def make_sampler(sweep: Sweep) -> optuna.samplers.BaseSampler:
+    cfg = sweep.cfg
+    if cfg.sampler == "grid":
+        return optuna.samplers.GridSampler(sweep.grid_space(), seed=cfg.seed)
+    if cfg.sampler == "tpe":
+        # constant_liar: parallel workers do not all propose the same point while others are running
+        return optuna.samplers.TPESampler(seed=cfg.seed, constant_liar=cfg.workers > 1)
+    return optuna.samplers.RandomSampler(seed=cfg.seed)
+
+
+def make_pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
+    cfg = sweep.cfg
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
+                                           n_warmup_steps=cfg.pruner_warmup_steps)
+    if cfg.pruner == "hyperband":
+        max_steps = sweep.base_flat.get("trainer.max_steps", -1)
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.pruner_warmup_steps),
+                                              max_resource=max_steps if max_steps > 0 else "auto")
+    return optuna.pruners.NopPruner()
+
+
+def identity(sweep: Sweep) -> str:
+    data = {"sweep": {k: getattr(sweep.cfg, k) for k in IDENTITY_KEYS}, "run": sweep.run}
+    return yaml.safe_dump(data, sort_keys=True)
+
+
+def create_or_load(sweep: Sweep, create: bool) -> optuna.Study:
+    """The study of this sweep. `create`: make it if new (the launcher); workers only load.
+
+    A study made from different settings is refused: resuming must continue the same experiment.
+    """
+    storage = open_storage(sweep)
+    kwargs = {"study_name": sweep.cfg.study, "storage": storage, "sampler": make_sampler(sweep),
+              "pruner": make_pruner(sweep)}
+    for attempt in range(5):
+        try:
+            if create:
+                study = optuna.create_study(direction=sweep.cfg.direction, load_if_exists=True, **kwargs)
+            else:
+                study = optuna.load_study(**kwargs)
+            break
+        except KeyError:
+            raise LabError(f"study {sweep.cfg.study!r} not found in {sweep.storage_url}") from None
+        except Exception as err:  # noqa: BLE001 - a concurrent creator may hold the lock; retry, then report
+            if attempt == 4:
+                raise LabError(f"study {sweep.cfg.study!r}: cannot create or load ({str(err).splitlines()[0]})") from None
+            time.sleep(0.5 * (attempt + 1))
+    wanted = identity(sweep)
+    recorded = study.user_attrs.get("sweep")
+    if recorded is None and create:
+        study.set_user_attr("sweep", wanted)
+    elif recorded is not None and recorded != wanted:
+        raise LabError(f"study {sweep.cfg.study!r} in {sweep.storage_url} was made from different settings "
+                       f"({', '.join(_differences(recorded, wanted))}); rerun with the original sweep config, "
+                       "or choose another sweep.study")
+    return study
+
+
+def _differences(old: str, new: str) -> list[str]:
+    def flat(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    before, after = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))[:5]
+
+
+def tag_worker(trial: optuna.Trial) -> None:
+    """Where a trial runs, so a relaunch on this host can tell a dead worker's trial from a live one."""
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+
+
+def recover_orphans(study: optuna.Study, max_retry: int) -> list[int]:
+    """Fail, and queue a re-run of, every RUNNING trial whose worker process on this host is gone.
+
+    The heartbeat does the same after its grace period (and across hosts); this makes a relaunch on the
+    same machine resume at once. Returns the numbers of the trials recovered.
+    """
+    host = socket.gethostname()
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("host") != host or _alive(trial.user_attrs.get("pid")):
+            continue
+        storage = study._storage
+        try:
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another launcher recovered it first; only one re-queues it
+        retry(study, storage.get_trial(trial._trial_id))  # a WAITING copy (same params) runs next
+        recovered.append(trial.number)
+    return recovered
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (dead, not yet reaped by its parent) still answers kill(pid, 0)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return True

@@ -1,0 +1,141 @@
+"""A sweep worker: takes trials from the study one at a time and trains each as one `lab train` run.
+
+Started by `lab sweep` as `python -m sweeps.worker runs/<study>/sweep.yaml <index>`; any number may run,
+on any number of hosts sharing the storage.
+"""
+
+import gc
+import json
+import sys
+import traceback
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
+from lab.errors import LabError
+from lab.train import train
+from sweeps.spec import Sweep, cell_key, describe, load_sweep
+from sweeps.study import create_or_load, tag_worker
+
+# A trial that did not fail for its own reasons (its worker died) is re-run; these ended for good.
+SETTLED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class StepPruning(PyTorchLightningPruningCallback):
+    """Optuna's Lightning pruning callback, reporting at the training step instead of the epoch.
+
+    The lab validates every n steps inside one epoch, where the stock callback's epoch index never moves.
+    A pruned run stops like an early-stopped one, so its summary.json is still written.
+    """
+
+    def __init__(self, trial: optuna.Trial, monitor: str):
+        super().__init__(trial, monitor)
+        self.pruned_at: int | None = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        step = trainer.global_step
+        self._trial.report(trainer.callback_metrics[self.monitor].item(), step=step)
+        if self._trial.should_prune():
+            self.pruned_at = step
+            trainer.should_stop = True
+
+
+def objective(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, threads: int) -> float:
+    tag_worker(trial)
+    overrides = sweep.sample(trial)
+    run_key = cell_key(overrides, with_lr=True)
+    trial.set_user_attr("overrides", overrides)
+    trial.set_user_attr("run_key", run_key)
+    trial.set_user_attr("cell", cell_key(overrides))
+    owner = _same_run(study, trial.number, run_key)
+    if owner is not None:
+        trial.set_user_attr("duplicate_of", owner.number)
+        if sweep.cfg.sampler == "grid":
+            # two grid points that name one run (an inactive conditional axis), or the last cells taken twice
+            raise optuna.TrialPruned(f"same run as trial {owner.number}")
+        if owner.state == TrialState.COMPLETE:
+            # a search sampler proposed a run again: tell it the known result instead of training twice
+            return owner.value
+
+    placement = {"experiment": sweep.cfg.study, "run_name": f"trial-{trial.number}", "runs_dir": sweep.runs_dir,
+                 "overwrite": False, "trainer.progress": "plain"}
+    if not sweep.base_flat["trainer.num_threads"] and "trainer.num_threads" not in overrides:
+        placement["trainer.num_threads"] = threads  # workers share the cores instead of each taking all
+    run = sweep.run_config(overrides, **placement)
+    # the pruner compares what the study optimises: accuracy, or the loss for final_val_loss
+    pruning = StepPruning(trial, monitor="val/loss" if sweep.cfg.metric == "final_val_loss" else "val/acc")
+    print(f"trial {trial.number}: {describe(overrides, sweep.cfg.variants)}", flush=True)
+    try:
+        summary = train(run, callbacks=[pruning])
+    except Exception as err:
+        # NaN, out of memory, a bad cell: the trial is FAILED with its reason and the study goes on
+        trial.set_user_attr("error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        if not isinstance(err, (LabError, torch.OutOfMemoryError)):
+            traceback.print_exc()  # a bug, not a property of the cell: the worker log keeps the trace
+        raise
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    final = summary["final"]
+    metrics = {"best_val_acc": summary["best_val_acc"] or 0.0, "final_val_acc": final.get("val/acc", 0.0),
+               "final_val_loss": final.get("val/loss", float("nan"))}
+    for key in ("run_dir", "params", "state_size_bytes", "wall_seconds", "steps", "best_step", "stopped_early",
+                "train_tokens_per_second"):
+        trial.set_user_attr(key, summary[key])
+    for key, value in metrics.items():
+        trial.set_user_attr(key, value)
+    if pruning.pruned_at is not None:
+        trial.set_user_attr("pruned_at", pruning.pruned_at)
+        raise optuna.TrialPruned(f"pruned at step {pruning.pruned_at}")
+    return metrics[sweep.cfg.metric]
+
+
+def _same_run(study: optuna.Study, number: int, run_key: str) -> optuna.trial.FrozenTrial | None:
+    for other in study.get_trials(deepcopy=False):
+        if other.number == number or other.user_attrs.get("run_key") != run_key:
+            continue
+        if "duplicate_of" in other.user_attrs:
+            continue
+        trained = other.state in SETTLED or other.state == TrialState.RUNNING
+        failed_for_good = other.state == TrialState.FAIL and "error" in other.user_attrs
+        if trained or failed_for_good:
+            return other
+    return None
+
+
+def finished(sweep: Sweep, study: optuna.Study) -> bool:
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return False
+    return done_count(sweep, trials) >= sweep.budget() if sweep.cfg.n_trials is not None else (
+        study.sampler.is_exhausted(study))
+
+
+def done_count(sweep: Sweep, trials: list) -> int:
+    """Trials that count against the budget: settled, or failed for their own reasons. A grid's skipped
+    duplicates do not count (they are not cells); a search sampler's repeated proposals do (they are trials)."""
+    done = [t for t in trials if t.state in SETTLED or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
+    if sweep.cfg.sampler == "grid":
+        done = [t for t in done if not (t.state == TrialState.PRUNED and "duplicate_of" in t.user_attrs)]
+    return len(done)
+
+
+def work(sweep_file: str, index: int, threads: int) -> None:
+    sweep = load_sweep(sweep_file)
+    study = create_or_load(sweep, create=False)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(f"worker {index} on study {sweep.cfg.study} ({sweep.storage_url})", flush=True)
+    while not finished(sweep, study):
+        # one trial per call: the stop test above sees other workers' trials and re-queued ones
+        study.optimize(lambda trial: objective(sweep, study, trial, threads), n_trials=1, catch=(Exception,))
+    print(json.dumps({"worker": index, "done": True}), flush=True)
+
+
+if __name__ == "__main__":
+    work(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

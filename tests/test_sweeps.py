@@ -1,0 +1,188 @@
+"""Sweeps end to end: real worker processes on a real SQLite study, resume after SIGKILL, failures, pruning,
+reports and bad input. Runs are tiny (a few training steps); what is tested is the bookkeeping."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+import yaml
+from optuna.trial import TrialState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lab.cli import main
+from lab.errors import LabError
+from sweeps.runner import run_sweep
+from sweeps.spec import load_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_RUN = {
+    "task": {"name": "mqar", "vocab_size": 64, "seq_len": 32, "num_kv_pairs": 2},
+    "data": {"num_train": 256, "num_test": 64},
+    "model": {"name": "attention", "d_model": 16, "num_layers": 1, "num_heads": 1},
+    "trainer": {"max_steps": 8, "batch_size": 32, "val_every_n_steps": 4, "log_every_n_steps": 1},
+}
+
+
+def write_sweep(tmp_path: Path, sweep: dict, run: dict | None = None, name: str = "sweep.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"sweep": {"threads_per_worker": 1, **sweep}, "run": run or TINY_RUN}))
+    return str(path)
+
+
+def trials_of(tmp_path: Path, study: str) -> list:
+    storage = f"sqlite:///{tmp_path / 'runs' / study / 'study.db'}"
+    return optuna.load_study(study_name=study, storage=storage).get_trials()
+
+
+def by_state(trials, state):
+    return [t for t in trials if t.state == state and "duplicate_of" not in t.user_attrs]
+
+
+def test_grid_two_workers_report_and_tensorboard(tmp_path):
+    """Two workers on one SQLite file finish a conditional grid; every run trained once; report + TB written."""
+    config = write_sweep(tmp_path, {
+        "study": "grid", "lrs": [1e-3, 1e-2],
+        "variants": {"attention": {"model.name": "attention"}, "gka": {"model.name": "gka", "model.num_iter": 2}},
+        "space": {"model.gating": {"values": [True, False], "when": {"model.name": "gka"}}},
+    })
+    summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"], workers=2)
+    assert summary["counts"]["complete"] == 6 and summary["counts"]["left"] == 0, summary
+    trials = trials_of(tmp_path, "grid")
+    complete = by_state(trials, TrialState.COMPLETE)
+    run_keys = [t.user_attrs["run_key"] for t in complete]
+    assert len(run_keys) == len(set(run_keys)) == 6  # attention x 2 lr + gka x gating x 2 lr, each once
+    for trial in complete:
+        assert (Path(trial.user_attrs["run_dir"]) / "summary.json").is_file()
+        assert Path(trial.user_attrs["run_dir"]).name == f"trial-{trial.number}"
+
+    report = tmp_path / "runs" / "grid" / "report"
+    for name in ("report.md", "cells.csv", "runs.json", "accuracy_vs_d_model.png", "accuracy_vs_state_size.png",
+                 "ablation.png", "optimization_history.png", "param_importances.png"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    table = (report / "report.md").read_text()
+    assert "gka gating=False" in table and "attention" in table
+    cell_lines = [line for line in table.splitlines() if line.startswith(("| gka", "| attention"))]
+    assert len(cell_lines) == 3, table
+    events = EventAccumulator(str(report / "tb"))
+    events.Reload()
+    assert {"report/ablation", "report/accuracy_vs_d_model"} <= set(events.Tags()["images"])
+    cell_dirs = sorted(p.name for p in (report / "tb").iterdir() if p.is_dir())
+    assert cell_dirs == ["cell-000", "cell-001", "cell-002"]
+    hparams = EventAccumulator(str(report / "tb" / "cell-000"))
+    hparams.Reload()
+    assert hparams.PluginTagToContent("hparams")
+
+    # the same command again: nothing left, nothing retrained; `lab report` alone rewrites the report
+    again = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    assert again["counts"]["complete"] == 6
+    assert len(by_state(trials_of(tmp_path, "grid"), TrialState.COMPLETE)) == 6
+    (report / "report.md").unlink()
+    assert main(["report", "grid", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert (report / "report.md").is_file()
+
+
+def test_resume_after_sigkill(tmp_path):
+    """SIGKILL a worker mid-trial: relaunching re-runs that trial, keeps the finished ones, trains nothing twice."""
+    run = {**TINY_RUN, "trainer": {**TINY_RUN["trainer"], "max_steps": 400, "val_every_n_steps": 100},
+           "data": {"num_train": 4096, "num_test": 64}}
+    config = write_sweep(tmp_path, {"study": "resume", "lrs": [1e-3, 3e-3, 1e-2]}, run)
+    command = [sys.executable, "-m", "lab.cli", "sweep", "--config", config, f"runs_dir={tmp_path / 'runs'}"]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    storage = f"sqlite:///{tmp_path / 'runs' / 'resume' / 'study.db'}"
+    victim, deadline = None, time.time() + 120
+    while victim is None and time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
+        except (KeyError, sqlalchemy.exc.OperationalError):
+            continue  # the launcher is still creating the database
+        # kill the second trial mid-training, so one finished trial exists before the kill
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.number >= 1 and "pid" in t.user_attrs]
+        finished_before = [t for t in trials if t.state == TrialState.COMPLETE]
+        if running and finished_before:
+            victim = running[0]
+    assert victim is not None, launcher.communicate()[0]
+    time.sleep(1.0)
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 1, output  # runs were left
+    assert "exited with -9" in output, output
+
+    done_before = {t.number for t in by_state(trials_of(tmp_path, "resume"), TrialState.COMPLETE)}
+    summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    assert summary["counts"]["left"] == 0 and summary["counts"]["complete"] == 3, summary
+    trials = trials_of(tmp_path, "resume")
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL and "error" not in killed.user_attrs
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].user_attrs["run_key"] == killed.user_attrs["run_key"]
+    complete = by_state(trials, TrialState.COMPLETE)
+    assert done_before <= {t.number for t in complete}  # finished trials kept, not re-run
+    assert len({t.user_attrs["run_key"] for t in complete}) == len(complete) == 3
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_nan_trial_fails_and_the_study_goes_on(tmp_path):
+    config = write_sweep(tmp_path, {"study": "nan", "lrs": [1e-3, 1e12]})
+    summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}", "trainer.grad_clip=0", "trainer.warmup_frac=0"])
+    assert summary["counts"]["complete"] == 1 and summary["counts"]["failed"] == 1, summary
+    failed = by_state(trials_of(tmp_path, "nan"), TrialState.FAIL)
+    assert "DivergedError" in failed[0].user_attrs["error"] and "nan" in failed[0].user_attrs["error"].lower()
+    assert "Failed runs" in (tmp_path / "runs" / "nan" / "report" / "report.md").read_text()
+
+
+def test_tpe_study_prunes(tmp_path):
+    """A median pruner stops runs whose validation loss trails the finished ones at the same step."""
+    config = write_sweep(tmp_path, {
+        "study": "tpe", "sampler": "tpe", "seed": 1, "n_trials": 6, "lrs": [], "metric": "final_val_loss",
+        "direction": "minimize", "pruner": "median", "pruner_startup_trials": 1,
+        "space": {"trainer.lr": {"type": "float", "low": 1e-8, "high": 1e-1, "log": True}},
+    }, {**TINY_RUN, "trainer": {**TINY_RUN["trainer"], "max_steps": 16}})
+    summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    pruned = by_state(trials_of(tmp_path, "tpe"), TrialState.PRUNED)
+    assert summary["counts"]["pruned"] >= 1 and pruned, summary
+    best_lr = min(by_state(trials_of(tmp_path, "tpe"), TrialState.COMPLETE), key=lambda t: t.value).params["trainer.lr"]
+    assert all(t.params["trainer.lr"] < best_lr for t in pruned)  # too small to learn in 16 steps
+    assert all((Path(t.user_attrs["run_dir"]) / "summary.json").is_file() for t in pruned)
+
+
+@pytest.mark.parametrize(("sweep", "message"), [
+    ({"study": "x", "lrs": [1e-3], "bogus": 1}, "unknown sweep key 'sweep.bogus'"),
+    ({"study": "x", "lrs": [], "space": {}}, "empty search space"),
+    ({"study": "x", "sampler": "annealing"}, "unknown sampler"),
+    ({"study": "x", "space": {"model.d_model": []}}, "sweep.space.model.d_model: empty list"),
+    ({"study": "x", "space": {"model.d_model": {"type": "int", "low": 8, "high": 64}}}, "grid sampler needs a list"),
+    ({"study": "x", "sampler": "tpe"}, "needs a trial budget"),
+    ({"study": "x", "space": {"model.widht": [16, 32]}}, "unknown config key 'model.widht'"),
+    ({"study": "x", "variants": {"g": {"model.name": "gka", "model.num_iter": -1}}}, "model.num_iter=-1"),
+    ({"study": "a/b"}, "plain non-empty name"),
+])
+def test_bad_sweep_rejected_before_any_trial(tmp_path, capsys, sweep, message):
+    config = write_sweep(tmp_path, sweep)
+    assert main(["sweep", "--config", config, f"runs_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_changed_settings_refused_and_storage_kept(tmp_path):
+    config = write_sweep(tmp_path, {"study": "same", "lrs": [1e-3]})
+    run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    database = tmp_path / "runs" / "same" / "study.db"
+    before = database.read_bytes()
+    with pytest.raises(LabError, match=r"different settings \(run.trainer.max_steps\)"):
+        run_sweep(config, [f"runs_dir={tmp_path / 'runs'}", "trainer.max_steps=9"])
+    assert len(trials_of(tmp_path, "same")) == 1 and database.read_bytes() == before
+
+
+def test_shipped_sweeps_load():
+    for path in sorted((ROOT / "configs" / "sweeps").glob("*.yaml")):
+        sweep = load_sweep(str(path))
+        assert sweep.budget() >= 1, path
