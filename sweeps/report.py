@@ -14,10 +14,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 import optuna
+from matplotlib.ticker import FuncFormatter, NullFormatter
 from optuna.trial import TrialState
 
+from lab.cli import human_bytes
 from lab.errors import LabError
-from sweeps.spec import LR_KEY, VARIANT_KEY, describe, load_sweep
+from sweeps.spec import LR_KEY, VARIANT_KEY, Sweep, cell_key, load_sweep
 from sweeps.study import create_or_load
 
 
@@ -34,11 +36,15 @@ def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = 
     if not runs:
         raise LabError(f"study {study_name!r} has no finished runs yet")
     cells = best_per_cell(runs, sweep.cfg.metric, sweep.cfg.direction)
+    if sweep.cfg.sampler == "grid":
+        # the file's order (variants, then axes), not the order in which workers happened to finish
+        order = {cell_key(c): i for i, c in enumerate(sweep.grid_cells())}
+        cells.sort(key=lambda c: order.get(c["cell"], len(order)))
 
     out_dir = study_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = sweep.cfg.metric
-    rows = [cell_row(cell, metric, sweep.cfg.variants) for cell in cells]
+    rows = [cell_row(cell, metric, sweep) for cell in cells]
     (out_dir / "report.md").write_text(markdown(study_name, sweep, rows, runs))
     with open(out_dir / "cells.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -47,9 +53,9 @@ def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = 
     (out_dir / "runs.json").write_text(json.dumps(runs, indent=2, default=str))
 
     figures = {
-        "accuracy_vs_d_model": zoology_plot(cells, "d_model", metric, sweep.cfg.variants),
-        "accuracy_vs_state_size": zoology_plot(cells, "state_size_bytes", metric, sweep.cfg.variants),
-        "ablation": ablation_chart(cells, metric, sweep.cfg.variants),
+        "accuracy_vs_d_model": zoology_plot(cells, "d_model", metric),
+        "accuracy_vs_state_size": zoology_plot(cells, "state_size_bytes", metric),
+        "ablation": ablation_chart(cells, metric, sweep),
         **optuna_plots(study),
     }
     written = []
@@ -59,7 +65,7 @@ def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = 
         path = out_dir / f"{name}.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         written.append(path.name)
-    log_tensorboard(out_dir / "tb", figures, rows, (out_dir / "report.md").read_text())
+    log_tensorboard(out_dir / "tb", figures, rows, metric, (out_dir / "report.md").read_text())
     for fig in figures.values():
         if fig is not None:
             plt.close(fig)
@@ -108,17 +114,17 @@ def _nan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def cell_row(cell: dict, metric: str, variants: dict) -> dict:
+def cell_row(cell: dict, metric: str, sweep: Sweep) -> dict:
     best = cell["best"] or {}
     config = best.get("config") or {}
     runs = cell["runs"]
     return {
-        "cell": describe(cell["overrides"], variants) or "(base)",
+        "cell": sweep.describe(cell["overrides"]) or "(base)",
         "model": config.get("model", {}).get("name", ""),
         "d_model": config.get("model", {}).get("d_model", ""),
         "seq_len": config.get("task", {}).get("seq_len", ""),
         "num_kv_pairs": config.get("task", {}).get("num_kv_pairs", ""),
-        f"best {metric}": round(best[metric], 4) if best else "",
+        metric: round(best[metric], 4) if best else "",  # the cell's best over its lrs
         "lr": best.get("lr", ""),
         "params": best.get("params", ""),
         "state_size_bytes": best.get("state_size_bytes", ""),
@@ -140,14 +146,14 @@ def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict]) -> str:
     failures = [r for r in runs if r["error"]]
     if failures:
         lines += ["", "## Failed runs", ""]
-        lines += [f"- trial {r['trial']} ({describe(r['overrides'], sweep.cfg.variants)}): {r['error']}" for r in failures]
+        lines += [f"- trial {r['trial']} ({sweep.describe(r['overrides'])}): {r['error']}" for r in failures]
     lines += ["", "Figures: " + ", ".join(f"`{n}.png`" for n in ("accuracy_vs_d_model", "accuracy_vs_state_size",
                                                                   "ablation", "optimization_history",
                                                                   "param_importances")), ""]
     return "\n".join(lines)
 
 
-def series_name(cell: dict, variants: dict) -> str:
+def series_name(cell: dict) -> str:
     """What a line of the Zoology plot follows: the variant if the sweep has them, else the model."""
     overrides = cell["overrides"]
     if VARIANT_KEY in overrides:
@@ -156,7 +162,7 @@ def series_name(cell: dict, variants: dict) -> str:
     return config.get("model", {}).get("name", "run")
 
 
-def zoology_plot(cells: list[dict], x_key: str, metric: str, variants: dict):
+def zoology_plot(cells: list[dict], x_key: str, metric: str):
     """Best accuracy vs d_model (or state size), a line per model/variant, a panel per (seq_len, num_kv_pairs)."""
     panels = defaultdict(lambda: defaultdict(list))
     for cell in cells:
@@ -168,7 +174,7 @@ def zoology_plot(cells: list[dict], x_key: str, metric: str, variants: dict):
         if x is None:
             continue
         panel = (config["task"].get("seq_len"), config["task"].get("num_kv_pairs"))
-        panels[panel][series_name(cell, variants)].append((x, best[metric]))
+        panels[panel][series_name(cell)].append((x, best[metric]))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
@@ -178,6 +184,8 @@ def zoology_plot(cells: list[dict], x_key: str, metric: str, variants: dict):
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
         ax.set_title(f"seq_len {panel[0]}, kv pairs {panel[1]}" if panel[1] is not None else f"seq_len {panel[0]}")
         ax.set_xscale("log", base=2 if x_key == "d_model" else 10)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}" if x_key == "d_model" else human_bytes(x)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("d_model" if x_key == "d_model" else "recurrent state (bytes, fp32)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{metric} (best over lr)")
@@ -186,11 +194,11 @@ def zoology_plot(cells: list[dict], x_key: str, metric: str, variants: dict):
     return fig
 
 
-def ablation_chart(cells: list[dict], metric: str, variants: dict):
+def ablation_chart(cells: list[dict], metric: str, sweep: Sweep):
     scored = [c for c in cells if c["best"]]
     if not scored:
         return None
-    labels = [describe(c["overrides"], variants) or "(base)" for c in scored]
+    labels = [sweep.describe(c["overrides"]) or "(base)" for c in scored]
     values = [c["best"][metric] for c in scored]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(scored) + 1.2))
     bars = ax.barh(range(len(scored)), values, color="tab:blue")
@@ -227,7 +235,7 @@ def optuna_plots(study: optuna.Study) -> dict:
     return figures
 
 
-def log_tensorboard(log_dir: Path, figures: dict, rows: list[dict], text: str) -> None:
+def log_tensorboard(log_dir: Path, figures: dict, rows: list[dict], metric: str, text: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(log_dir)) as writer:
@@ -235,28 +243,25 @@ def log_tensorboard(log_dir: Path, figures: dict, rows: list[dict], text: str) -
             if fig is not None:
                 writer.add_figure(f"report/{name}", fig, close=False)
         writer.add_text("report/table", text)
-    metric_key = next(k for k in rows[0] if k.startswith("best "))
     for index, row in enumerate(rows):
-        if row[metric_key] == "":
+        if row[metric] == "":
             continue
         hparams = {k: (v if isinstance(v, (int, float, str)) else str(v))
-                   for k, v in row.items() if k not in (metric_key, "runs", "best_trial", "wall_seconds")}
+                   for k, v in row.items() if k not in (metric, "runs", "best_trial", "wall_seconds")}
         with SummaryWriter(str(log_dir)) as writer:
-            writer.add_hparams(hparams, {f"hp/{metric_key.removeprefix('best ')}": row[metric_key],
+            writer.add_hparams(hparams, {f"hp/{metric}": row[metric],
                                          "hp/wall_seconds": row["wall_seconds"]}, run_name=f"cell-{index:03d}")
 
 
 def rich_table(rows: list[dict], metric: str):
     from rich.table import Table
 
-    from lab.cli import human_bytes
-
     table = Table(show_edge=False, title="best over lr per cell", title_justify="left")
-    for column in ("cell", f"best {metric}", "lr", "params", "state size", "wall time", "runs"):
+    for column in ("cell", f"{metric} (best lr)", "lr", "params", "state size", "wall time", "runs"):
         table.add_column(column, justify="left" if column in ("cell", "runs") else "right")
     for row in rows:
         size = row["state_size_bytes"]
-        table.add_row(row["cell"], str(row[f"best {metric}"]), f"{row['lr']:.2g}" if isinstance(row["lr"], float) else str(row["lr"]),
+        table.add_row(row["cell"], f"{row[metric]:.3f}" if row[metric] != "" else "", f"{row['lr']:.2g}" if isinstance(row["lr"], float) else str(row["lr"]),
                       f"{row['params']:,}" if row["params"] != "" else "", human_bytes(size) if size != "" else "",
                       f"{row['wall_seconds']:.0f} s", row["runs"])
     return table

@@ -12,7 +12,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from lab.errors import LabError
-from sweeps.spec import Sweep, describe, load_sweep
+from sweeps.spec import Sweep, load_sweep
 from sweeps.study import create_or_load, recover_orphans
 from sweeps.worker import done_count
 
@@ -127,7 +127,7 @@ def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], b
 def trial_line(trial: FrozenTrial, sweep: Sweep) -> str:
     attrs = trial.user_attrs
     metric = sweep.cfg.metric
-    label = describe(attrs.get("overrides", {}), sweep.cfg.variants)
+    label = sweep.describe(attrs.get("overrides", {}))
     head = f"trial {trial.number:>3}"
     if "duplicate_of" in attrs:
         known = f", {metric} {trial.value:.3f}" if trial.state == TrialState.COMPLETE else ""
@@ -157,7 +157,7 @@ def _summary(sweep: Sweep, study: optuna.Study, seconds: float) -> dict:
     if complete:
         pick = max if sweep.cfg.direction == "maximize" else min
         trial = pick(complete, key=lambda t: t.value)
-        best = {"trial": trial.number, "value": trial.value, "run": describe(trial.user_attrs.get("overrides", {}), sweep.cfg.variants),
+        best = {"trial": trial.number, "value": trial.value, "run": sweep.describe(trial.user_attrs.get("overrides", {})),
                 "run_dir": trial.user_attrs.get("run_dir")}
     return {"study": sweep.cfg.study, "storage": sweep.storage_url, "counts": counts, "best": best,
             "metric": sweep.cfg.metric, "seconds": seconds}

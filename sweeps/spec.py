@@ -10,13 +10,15 @@
         no_gating: {model.name: gka, model.gating: false}
       space:                              # more axes, crossed with the variants
         model.d_model: [64, 128]                              # a list: categorical (grid axis)
+        mqar: {sets: {L64: {task.seq_len: 64, task.num_kv_pairs: 4}, L128: {task.seq_len: 128, task.num_kv_pairs: 8}}}
         model.num_iter: {values: [1, 30], when: {model.name: gka}}   # sampled only when the condition holds
         trainer.weight_decay: {type: float, low: 0.0, high: 0.2}     # numeric: tpe / random only
     run:                                  # run config keys on top of base_configs
       trainer: {max_steps: 800}
 
 A trial samples `variant`, then the space in file order, then `trainer.lr`; keys whose `when` does not hold
-are left out, so two grid points can name the same run (a duplicate, skipped by the worker).
+are left out, so two grid points can name the same run (a duplicate, skipped by the worker). An axis with
+`sets` (like `variants`) chooses a named set of keys that move together, e.g. an MQAR (seq_len, kv pairs).
 """
 
 import itertools
@@ -67,12 +69,16 @@ class SweepConfig:
 class Axis:
     key: str
     values: list | None = None  # categorical choices
+    sets: dict[str, dict] | None = None  # label -> run keys set together (values are the labels)
     kind: str = "categorical"  # categorical | int | float
     low: float | None = None
     high: float | None = None
     log: bool = False
     step: float | None = None
     when: dict[str, list] = field(default_factory=dict)
+
+    def produces(self) -> set[str]:
+        return {self.key} | {key for keys in (self.sets or {}).values() for key in keys}
 
     def active(self, chosen: dict, base: dict) -> bool:
         return all(chosen.get(key, base.get(key)) in allowed for key, allowed in self.when.items())
@@ -104,24 +110,46 @@ class Sweep:
         return self.cfg.storage or f"sqlite:///{self.study_dir / 'study.db'}"
 
     def sample(self, trial) -> dict[str, Any]:
-        """The run overrides of one trial: variant overrides, then each active axis."""
+        """The run overrides of one trial: each axis whose `when` holds, after the axes its condition reads."""
         chosen: dict[str, Any] = {}
-        for axis in self.axes:
+        pending = list(self.axes)
+        while pending:
+            # an axis is decided once no other undecided axis can still set a key its condition reads
+            axis = next(a for a in pending if not any(
+                set(a.when) & b.produces() for b in pending if b is not a))
+            pending.remove(axis)
             if not axis.active(chosen, self.base_flat):
                 continue
             value = axis.suggest(trial)
-            if axis.key == VARIANT_KEY:
-                chosen[VARIANT_KEY] = value
-                chosen.update(self.cfg.variants[value])
-            else:
-                chosen[axis.key] = value
+            chosen[axis.key] = value
+            if axis.sets:
+                chosen.update(axis.sets[value])
         return chosen
+
+    @property
+    def set_axes(self) -> dict[str, dict]:
+        return {axis.key: axis.sets for axis in self.axes if axis.sets}
 
     def run_config(self, overrides: dict[str, Any], **extra: Any) -> RunConfig:
         """The run config of one trial: base run, then the trial's overrides, then `extra` (run_name...)."""
-        items = {k: v for k, v in overrides.items() if k != VARIANT_KEY} | extra
+        items = {k: v for k, v in overrides.items() if k not in self.set_axes} | extra
         dotlist = [f"{key}={yaml_value(value)}" for key, value in items.items()]
         return load_config([], dotlist, base=self.run)
+
+    def describe(self, overrides: dict[str, Any]) -> str:
+        """A short label for a run: `gka_full d_model=64 lr=0.001`: set labels, then the other axes' values."""
+        sets = self.set_axes
+        hidden = {key for axis, chosen_sets in sets.items() if axis in overrides
+                  for key in chosen_sets.get(overrides[axis], {})}
+        parts = []
+        for key, value in overrides.items():
+            if key == VARIANT_KEY:
+                parts.append(str(value))
+            elif key in sets:
+                parts.append(f"{key}={value}")
+            elif key not in hidden:
+                parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+        return " ".join(parts)
 
     def grid_space(self) -> dict[str, list]:
         return {axis.key: list(axis.values) for axis in self.axes}
@@ -164,16 +192,6 @@ def cell_key(overrides: dict[str, Any], with_lr: bool = False) -> str:
     """A cell is a run up to its learning rate: the Zoology protocol scores it by its best lr."""
     items = {k: v for k, v in overrides.items() if with_lr or k != LR_KEY}
     return yaml.safe_dump(items, sort_keys=True, default_flow_style=True).strip()
-
-
-def describe(overrides: dict[str, Any], variants: dict[str, dict] | None = None) -> str:
-    """A short label for a run: `gka_full d_model=64 lr=0.001` (the variant name, then the other axes)."""
-    variant = overrides.get(VARIANT_KEY)
-    hidden = set((variants or {}).get(variant, {}))
-    parts = [str(variant)] if variant else []
-    parts += [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items()
-              if key != VARIANT_KEY and key not in hidden]
-    return " ".join(parts)
 
 
 def yaml_value(value: Any) -> str:
@@ -284,14 +302,25 @@ def _validate(cfg: SweepConfig) -> None:
             raise LabError(f"sweep.{key}={getattr(cfg, key)}: must be >= 1 second")
 
 
+def _check_conditions(axes: list[Axis]) -> None:
+    pending = list(axes)
+    while pending:
+        ready = [a for a in pending if not any(set(a.when) & b.produces() for b in pending if b is not a)]
+        if not ready:
+            raise LabError(f"sweep.space: the `when` conditions of {', '.join(a.key for a in pending)} depend on "
+                           "each other in a cycle")
+        pending.remove(ready[0])
+
+
 def _axes(cfg: SweepConfig) -> list[Axis]:
     axes = []
     if cfg.variants:
-        axes.append(Axis(VARIANT_KEY, values=list(cfg.variants)))
+        axes.append(Axis(VARIANT_KEY, values=list(cfg.variants), sets=cfg.variants))
     for key, spec in cfg.space.items():
         axes.append(_axis(key, spec, cfg.sampler))
     if cfg.lrs:
         axes.append(Axis(LR_KEY, values=[float(lr) for lr in cfg.lrs]))
+    _check_conditions(axes)
     return axes
 
 
@@ -301,10 +330,15 @@ def _axis(key: str, spec: Any, sampler: str) -> Axis:
         spec = {"values": spec}
     if not isinstance(spec, dict):
         raise LabError(f"{where}: give a list of values or a mapping {{values: [...]}} / {{type, low, high}}")
-    allowed = {"values", "type", "low", "high", "log", "step", "when"}
+    allowed = {"values", "sets", "type", "low", "high", "log", "step", "when"}
     if set(spec) - allowed:
         raise LabError(f"{where}: unknown field(s) {', '.join(sorted(set(spec) - allowed))}; allowed: {', '.join(sorted(allowed))}")
     when = {k: (v if isinstance(v, list) else [v]) for k, v in (spec.get("when") or {}).items()}
+    if "sets" in spec:
+        sets = spec["sets"]
+        if not isinstance(sets, dict) or not sets or not all(isinstance(v, dict) for v in sets.values()):
+            raise LabError(f"{where}.sets: give a non-empty mapping label -> {{run key: value, ...}}")
+        return Axis(key, values=list(sets), sets=sets, when=when)
     if "values" in spec:
         values = spec["values"]
         if not isinstance(values, list) or not values:

@@ -16,7 +16,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from lab.errors import LabError
 from lab.train import train
-from sweeps.spec import Sweep, cell_key, describe, load_sweep
+from sweeps.spec import Sweep, cell_key, load_sweep
 from sweeps.study import create_or_load, tag_worker
 
 # A trial that did not fail for its own reasons (its worker died) is re-run; these ended for good.
@@ -68,7 +68,7 @@ def objective(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, threads: i
     run = sweep.run_config(overrides, **placement)
     # the pruner compares what the study optimises: accuracy, or the loss for final_val_loss
     pruning = StepPruning(trial, monitor="val/loss" if sweep.cfg.metric == "final_val_loss" else "val/acc")
-    print(f"trial {trial.number}: {describe(overrides, sweep.cfg.variants)}", flush=True)
+    print(f"trial {trial.number}: {sweep.describe(overrides)}", flush=True)
     try:
         summary = train(run, callbacks=[pruning])
     except Exception as err:

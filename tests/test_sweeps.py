@@ -186,3 +186,27 @@ def test_shipped_sweeps_load():
     for path in sorted((ROOT / "configs" / "sweeps").glob("*.yaml")):
         sweep = load_sweep(str(path))
         assert sweep.budget() >= 1, path
+
+
+def test_grid_cells_with_sets_conditions_and_variants(tmp_path):
+    config = write_sweep(tmp_path, {
+        "study": "cells", "lrs": [1e-3, 1e-2],
+        "variants": {"attention": {"model.name": "attention"}, "gka": {"model.name": "gka"}},
+        "space": {
+            "mqar": {"sets": {"short": {"task.seq_len": 32, "task.num_kv_pairs": 2},
+                              "long": {"task.seq_len": 48, "task.num_kv_pairs": 8}}},
+            "model.solver": {"values": ["chebyshev", "exact"], "when": {"model.name": "gka"}},
+            "model.num_iter": {"values": [1, 30], "when": {"model.solver": "chebyshev"}},
+        },
+    })
+    sweep = load_sweep(config)
+    cells = sweep.grid_cells()
+    # attention: 2 mqar x 2 lr; gka: 2 mqar x (chebyshev x 2 num_iter + exact) x 2 lr
+    assert len(cells) == 4 + 12 == sweep.budget()
+    exact = [c for c in cells if c.get("model.solver") == "exact"]
+    assert exact and all("model.num_iter" not in c for c in exact)
+    run = sweep.run_config(next(c for c in cells if c.get("mqar") == "long" and c.get("model.num_iter") == 1))
+    assert (run.task.seq_len, run.task.num_kv_pairs, run.model.name, run.model.num_iter) == (48, 8, "gka", 1)
+    label = sweep.describe({"variant": "gka", "model.name": "gka", "mqar": "long", "task.seq_len": 48,
+                            "task.num_kv_pairs": 8, "model.num_iter": 1, "trainer.lr": 0.01})
+    assert label == "gka mqar=long num_iter=1 lr=0.01"
