@@ -210,3 +210,11 @@ def test_grid_cells_with_sets_conditions_and_variants(tmp_path):
     label = sweep.describe({"variant": "gka", "model.name": "gka", "mqar": "long", "task.seq_len": 48,
                             "task.num_kv_pairs": 8, "model.num_iter": 1, "trainer.lr": 0.01})
     assert label == "gka mqar=long num_iter=1 lr=0.01"
+
+
+def test_journal_file_storage(tmp_path):
+    journal = tmp_path / "journal" / "study.log"
+    config = write_sweep(tmp_path, {"study": "journal", "lrs": [1e-3, 1e-2], "storage": str(journal)})
+    summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    assert summary["counts"]["complete"] == 2 and journal.is_file()
+    assert (tmp_path / "runs" / "journal" / "report" / "report.md").is_file()
