@@ -15,11 +15,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check lab tasks kernels sweeps tests
 	$(VENV)/bin/python -m pytest -q
 
+# a 14-run Optuna study (GKA ablations + baselines, 2 lrs each) with 2 workers, then its report;
+# running it again resumes (and then only rewrites the report)
 demo: $(STAMP)
-	$(LAB) train --config configs/demo.yaml --config configs/demo/attention.yaml
-	$(LAB) train --config configs/demo.yaml --config configs/demo/gka.yaml
-	$(LAB) train --config configs/demo.yaml --config configs/demo/mamba2.yaml
-	$(LAB) runs demo
+	$(LAB) sweep --config configs/sweeps/demo.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lab tasks kernels sweeps tests

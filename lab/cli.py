@@ -14,8 +14,9 @@ USAGE_EXAMPLES = """examples:
   lab runs demo
   lab sweep --config configs/sweeps/demo.yaml --workers 2
   lab report demo
+  lab solvers seq_len=512 batch=2
   lab tb
-  lab bench ops | lab bench mixers"""
+  lab bench ops | lab bench mixers | lab bench kernels (GPU)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--storage", default=None, help="storage URL if not the one in runs/<study>/sweep.yaml")
     report.set_defaults(handler=cmd_report)
 
+    solvers = commands.add_parser("solvers", help="the solver study: convergence and gradient accuracy (key=value)")
+    solvers.add_argument("overrides", nargs="*", metavar="key=value")
+    solvers.set_defaults(handler=cmd_solvers)
+
     commands.add_parser("tasks", help="list tasks with their parameters").set_defaults(handler=cmd_tasks)
     commands.add_parser("models", help="list models with their parameters").set_defaults(handler=cmd_models)
 
@@ -72,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--port", type=int, default=6006)
     tb.set_defaults(handler=cmd_tb)
 
-    bench = commands.add_parser("bench", help="benchmarks: ops (GKA op backends), mixers (training tokens/s)")
-    bench.add_argument("what", choices=["ops", "mixers"])
+    bench = commands.add_parser("bench", help="benchmarks: ops (GKA op backends, CPU), mixers (training tokens/s), "
+                                              "kernels (Triton GKA vs SDPA and the torch path, GPU)")
+    bench.add_argument("what", choices=["ops", "mixers", "kernels"])
     bench.add_argument("--out", default=None, help="write the rows as JSON here")
     bench.set_defaults(handler=cmd_bench)
     return parser
@@ -103,6 +109,15 @@ def cmd_report(args) -> int:
     report = write_report(args.study, args.runs_dir, storage=args.storage)
     console().print(report["table"])
     print(f"report: {report['dir']}  ({', '.join(report['figures'])}; TensorBoard: lab tb --logdir {report['dir']})")
+    return 0
+
+
+def cmd_solvers(args) -> int:
+    from lab.solver_study import load_study_config, run_study
+
+    result = run_study(load_study_config(args.overrides))
+    print(result["text"])
+    print(f"wrote {result['dir']}: results.json, report.md, {', '.join(result['figures'])}, tb/")
     return 0
 
 
@@ -222,6 +237,19 @@ def cmd_tb(args) -> int:
 def cmd_bench(args) -> int:
     from lab import bench
 
+    if args.what == "kernels":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LabError("lab bench kernels times the Triton kernels on a CUDA GPU; this machine has none "
+                           "(CPU benchmarks: lab bench ops | lab bench mixers)")
+        from kernels.bench_gpu import bench_kernels, markdown_table
+
+        out_dir = Path(args.out).parent if args.out else Path("runs") / "bench"
+        rows = bench_kernels(out_dir=str(out_dir))
+        print(markdown_table(rows))
+        print(f"wrote {out_dir}/kernels_gpu.json and kernels_gpu.md")
+        return 0
     rows = bench.run(args.what)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))

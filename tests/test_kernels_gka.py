@@ -242,7 +242,7 @@ def test_long_sequence_fp32_accuracy_without_decay():
     [
         ({"solver": "lu"}, "gka: unknown solver 'lu'; allowed: 'chebyshev', 'cg', 'exact'"),
         ({"ridge_mode": "fixed"}, "gka: unknown ridge_mode 'fixed'; allowed: 'adaptive', 'constant'"),
-        ({"backend": "triton"}, "gka: unknown backend 'triton'; allowed: 'auto', 'torch', 'reference'"),
+        ({"backend": "cuda"}, "gka: unknown backend 'cuda'; allowed: 'auto', 'torch', 'triton', 'reference'"),
         ({"num_iter": -1}, "gka: num_iter must be >= 0, got -1"),
         ({"ridge_ratio": 0.0}, "gka: ridge_ratio must be > 0, got 0.0"),
         ({"chunk_size": 0}, "gka: chunk_size must be >= 1, got 0"),

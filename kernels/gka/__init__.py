@@ -1,11 +1,13 @@
 """Gated KalmaNet (GKA): gated linear attention whose query is replaced by a ridge-regression solve."""
 
+import warnings
+
 from ..common import check_choice, check_qkvg, check_shape
 from .chunk import chunk_gka
 from .reference import reference_gka
 from .solvers import RIDGE_MODES, SOLVERS
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "torch", "triton", "reference")
 
 
 def gka(
@@ -50,8 +52,11 @@ def gka(
         chunk_size: tokens per chunk of the "torch" path (any value >= 1; T needn't be a multiple).
         initial_state: (H_0 [B, H, Dk, Dk], U_0 [B, H, Dv, Dk]) or None (zeros).
         output_final_state: also return (H_T, U_T).
-        backend: "torch" (chunk-wise parallel, autograd backward), "reference" (token loop, the
-            test oracle), or "auto".
+        backend: "torch" (chunk-wise parallel, autograd backward), "triton" (chunk-wise kernels with
+            the implicit-differentiation backward; chebyshev only, chunk_size 16/32/64, fp32/fp16/bf16,
+            head dims <= 128, implicit_backward; other options fall back to "torch" with a warning),
+            "reference" (token loop, the test oracle), or "auto" ("triton" for CUDA tensors it
+            supports, else "torch").
         implicit_backward: gradients of the chebyshev / cg solves by implicit differentiation (GKA.md;
             the "triton" path always does this); False = autograd through the unrolled iterations
             ("torch" only; what "reference" differentiates).
@@ -100,6 +105,15 @@ def gka(
     }
     if backend == "reference":
         return reference_gka(q, k, v, g, alpha, **options)
-    # "auto": a Triton kernel (implicit backward) will take CUDA tensors here; until then the
-    # PyTorch chunk path serves all.
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from .triton import triton_gka, unsupported_reason
+
+        reason = unsupported_reason(q, v, solver=solver, chunk_size=chunk_size)
+        if not implicit_backward:
+            reason = "implicit_backward=False (its backward is always implicit)"
+        if reason is None:
+            del options["solver"]
+            return triton_gka(q, k, v, g, alpha, chunk_size=chunk_size, **options)
+        if backend == "triton":
+            warnings.warn(f"gka: backend='triton' does not take {reason}; using the torch path", stacklevel=2)
     return chunk_gka(q, k, v, g, alpha, chunk_size=chunk_size, implicit_backward=implicit_backward, **options)

@@ -6,7 +6,7 @@ X [..., D] to A X, so callers decide how A is applied (a dense H_t, or the matri
 
 import torch
 
-SOLVERS = ("chebyshev", "cg", "exact")
+SOLVERS = ("chebyshev", "cg", "exact")  # what the layer offers; gradient_descent / nesterov are for studies
 RIDGE_MODES = ("adaptive", "constant")
 
 # Zero-key convention: ||H||_F := sqrt(max(sum H^2, 0) + 1e-12). A state with no (or fully decayed)
@@ -26,23 +26,56 @@ def ridge_bounds(sq_norm, ridge_ratio, ridge_mode):
     return ridge, norm + ridge
 
 
-def chebyshev(apply_A, rhs, mu, L, num_iter):
+def chebyshev(apply_A, rhs, mu, L, num_iter, on_step=None):
     """Chebyshev semi-iteration for A x = rhs with spec(A) in [mu, L]; num_iter matvecs, no inner products.
 
     Starts from the optimal Richardson step 2 rhs / (L + mu) (what num_iter = 0 returns) and
     contracts the error by about (sqrt(L/mu) - 1) / (sqrt(L/mu) + 1) per step.
+    `on_step(x)` (every solver here takes one) sees the start and each iterate: the solver study's hook.
     """
     step = 2 / (L + mu)
     rho_sq = ((L - mu) / (L + mu)) ** 2
     weight = 2.0
     x_prev, x = torch.zeros_like(rhs), step * rhs
+    _report(on_step, x)
     for _ in range(num_iter):
         weight = 4 / (4 - rho_sq * weight)
         x, x_prev = x - weight * step * (apply_A(x) - rhs) + (weight - 1) * (x - x_prev), x
+        _report(on_step, x)
     return x
 
 
-def conjugate_gradient(apply_A, rhs, num_iter):
+def gradient_descent(apply_A, rhs, mu, L, num_iter, on_step=None):
+    """Richardson / gradient descent with the optimal fixed step 2 / (L + mu): contraction (L - mu) / (L + mu)."""
+    step = 2 / (L + mu)
+    x = step * rhs
+    _report(on_step, x)
+    for _ in range(num_iter):
+        x = x - step * (apply_A(x) - rhs)
+        _report(on_step, x)
+    return x
+
+
+def nesterov(apply_A, rhs, mu, L, num_iter, on_step=None):
+    """Accelerated gradient descent (Nesterov, strongly convex): step 1 / L, momentum (sqrt k - 1) / (sqrt k + 1)."""
+    root = (L / mu).sqrt()
+    momentum = (root - 1) / (root + 1)
+    x = lookahead = rhs / L
+    _report(on_step, x)
+    for _ in range(num_iter):
+        x_next = lookahead - (apply_A(lookahead) - rhs) / L
+        lookahead = x_next + momentum * (x_next - x)
+        x = x_next
+        _report(on_step, x)
+    return x
+
+
+def _report(on_step, x):
+    if on_step is not None:
+        on_step(x)
+
+
+def conjugate_gradient(apply_A, rhs, num_iter, on_step=None):
     """num_iter conjugate-gradient steps for A x = rhs (A symmetric positive definite) from x = 0.
 
     Autograd through these steps is ill-conditioned once CG has converged (A with m distinct
@@ -51,6 +84,7 @@ def conjugate_gradient(apply_A, rhs, num_iter):
     doesn't. Chebyshev, a fixed polynomial in A, has no such steps.
     """
     x = torch.zeros_like(rhs)
+    _report(on_step, x)
     residual = direction = rhs
     res_sq = (residual * residual).sum(-1, keepdim=True)
     for _ in range(num_iter):
@@ -61,6 +95,7 @@ def conjugate_gradient(apply_A, rhs, num_iter):
         new_res_sq = (residual * residual).sum(-1, keepdim=True)
         direction = residual + new_res_sq / (res_sq + CG_EPS) * direction
         res_sq = new_res_sq
+        _report(on_step, x)
     return x
 
 

@@ -27,6 +27,7 @@ class GKAConfig(ModelConfig):
     chunk_size: int = 64
     conv_size: int = 4  # short causal conv on q, k, v
     backend: str = "auto"  # kernels.gka backend
+    implicit_backward: bool = True  # solver gradients by implicit differentiation; false = autograd through the steps
 
     def validate(self) -> None:
         super().validate()
@@ -86,6 +87,7 @@ class GKAMixer(nn.Module):
             q, k, v, log_decay, alpha,
             ridge_ratio=self.cfg.ridge_ratio, ridge_mode=self.cfg.ridge_mode, num_iter=self.cfg.num_iter,
             solver=self.cfg.solver, chunk_size=self.cfg.chunk_size, backend=self.cfg.backend,
+            implicit_backward=self.cfg.implicit_backward,
         )
         out = self.out_norm(out) * F.silu(self.out_gate_proj(x).view(heads))
         return self.o_proj(out.reshape(batch, seq_len, -1))

@@ -1,0 +1,258 @@
+"""Triton backend of `kernels.gka`: chunk-wise forward and implicit-differentiation backward (GKA.md).
+
+`triton_gka` has the contract of `chunk_gka` for solver="chebyshev" and q, k, v in fp32, fp16 or bf16
+(fp32 accumulation and state). The backward stores no iterates: it keeps the solution x [B, T, H, Dk]
+(fp32), the per-token norms ||H_t||_F and the chunk-start states, and runs a second Chebyshev solve on
+the incoming gradient. For Chebyshev the gradient with respect to q is exact for any num_iter (x is a
+fixed polynomial of A times q); the gradient through H_t and lam_t is that of the exact solve, so it
+matches autograd through the unrolled iteration once the iteration has converged (num_iter ~ 30 for
+ridge_ratio = 0.02), not for a handful of steps.
+
+Under CUDA autocast, q, k and v are cast to the autocast dtype (F.normalize hands fp32 q, k to a bf16
+layer there), so a mixer trained with bf16 autocast runs the bf16 kernels.
+
+Files: kernels.py (the kernels), NOTES.md (versions, measurements, predictions), profile.py (per-kernel
+times and a launch-setting sweep), run_all.py (sweep + gpu_check + bench in one device call),
+_compile_check.py (sm_90a compile and ptxas register report on a machine without a GPU). Under
+TRITON_INTERPRET=1 the same kernels run on CPU tensors (fp32 and fp16: the interpreter's bf16 dot is
+wrong).
+"""
+
+import os
+
+import torch
+import triton
+
+from . import kernels as K
+
+# Dot precision for fp32 inputs on the GPU ("tf32", "tf32x3" or "ieee"); fp16/bf16 use their own dtype.
+# Plain tf32 left o 3e-3 from float64 at 2 x 2048 x 4 x 128 (H200); fp32 is the accuracy path, so x3.
+FP32_DOT_PRECISION = "tf32x3"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+CHUNK_SIZES = (16, 32, 64)
+FP32_CHUNK_SIZE = 32  # the chunk the GPU kernels use for fp32 inputs (see triton_gka)
+# Launch settings that replace _launch_config's choices (for tuning runs; empty in normal use).
+LAUNCH_OVERRIDES: dict = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unsupported_reason(q, v, *, solver, chunk_size) -> str | None:
+    """Why the triton backend can't take these arguments (None if it can)."""
+    batch, seq_len, heads, key_dim = q.shape
+    if q.numel() == 0 or v.numel() == 0:
+        return "empty tensors"
+    chunks = triton.cdiv(seq_len, min(chunk_size, FP32_CHUNK_SIZE)) if chunk_size else 0
+    state_numel = batch * heads * chunks * key_dim * max(key_dim, v.shape[-1])
+    if max(q.numel(), v.numel(), state_numel) >= 2**31:
+        return "tensors of 2**31 elements or more (the kernels index with int32)"
+    if solver != "chebyshev":
+        return f"solver={solver!r} (the triton backend runs chebyshev only)"
+    if chunk_size not in CHUNK_SIZES:
+        return f"chunk_size={chunk_size} (the triton backend takes {CHUNK_SIZES})"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (the triton backend takes fp32, fp16, bf16)"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
+    if not (q.is_cuda or interpreting()):
+        return "CPU tensors (set TRITON_INTERPRET=1 to run the kernels through the interpreter)"
+    return None
+
+
+def _block(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Launch settings (warps per kernel; the solver's LEAN and SPLIT modes, kernels._chebyshev/_apply_A).
+
+    Chosen from H200 profiles at 1 x 32768 x 8 x 128 bf16 (NOTES.md); LAUNCH_OVERRIDES replaces any.
+    """
+    low = dtype != torch.float32
+    # low_states: chunk states and the backward's state buffers in the input dtype (every consumer casts
+    # them to it for the products anyway; the scans accumulate in fp32 registers). Measured on the H200
+    # (2026-11-30, run_all's sweep): part of the fastest setting at 1 x 32768 x 8 x 128 bf16 (12.7 vs 14.0 ms).
+    cfg = {"fwd_lean": False, "bwd_lean": low, "split": low, "low_states": low}
+    if interpreting():
+        cfg |= {"fwd_warps": 4, "bwd_warps": 4, "readout_warps": 4, "carry_warps": 4, "scan_rows": 16,
+                "scan_warps": 4, "scan_bwd_warps": 4}
+    else:
+        wide = head_dim > 64
+        cfg |= {
+            "fwd_warps": 4 if low else 8,  # fp32 (tf32x3): 4 warps spill heavily (ptxas)
+            "bwd_warps": 8 if wide else 4,
+            "readout_warps": 4,
+            "carry_warps": 8 if wide else 4,
+            "scan_rows": 16,
+            "scan_warps": 4,
+            "scan_bwd_warps": 8,
+        }
+    return cfg | LAUNCH_OVERRIDES
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+
+
+class _TritonGKA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, alpha, h0, u0, ridge, adaptive, num_iter, scale, chunk_size):
+        batch, seq_len, heads, key_dim = q.shape
+        value_dim = v.shape[-1]
+        num_chunks = triton.cdiv(seq_len, chunk_size)
+        q, k, v = q.contiguous(), k.contiguous(), v.to(q.dtype).contiguous()
+        k = k.to(q.dtype)
+        g32 = None if g is None else g.float().contiguous()
+        a32 = None if alpha is None else alpha.float().contiguous()
+        h0_32 = None if h0 is None else h0.float().contiguous()
+        u0_32 = None if u0 is None else u0.float().contiguous()
+        f32 = {"device": q.device, "dtype": torch.float32}
+        cfg = _launch_config(max(key_dim, value_dim), q.dtype)
+        state_dtype = q.dtype if cfg["low_states"] else torch.float32
+        h_states = torch.empty(batch, heads, num_chunks, key_dim, key_dim, device=q.device, dtype=state_dtype)
+        u_states = torch.empty(batch, heads, num_chunks, value_dim, key_dim, device=q.device, dtype=state_dtype)
+        h_final = torch.empty(batch, heads, key_dim, key_dim, **f32)
+        u_final = torch.empty(batch, heads, value_dim, key_dim, **f32)
+        x = torch.empty(batch, seq_len, heads, key_dim, **f32)
+        norm = torch.empty(batch, heads, num_chunks * chunk_size, **f32)
+        o = torch.empty(batch, seq_len, heads, value_dim, device=q.device, dtype=q.dtype)
+        bd, bdv = _block(key_dim), _block(value_dim)
+        prec = _dot_precision(q.dtype)
+        dummy = x  # stands in for absent optional tensors (never read: the HAS_* flags are off)
+
+        rows = cfg["scan_rows"]
+        grid = (triton.cdiv(key_dim, rows) + triton.cdiv(value_dim, rows), batch * heads)
+        K._state_scan_fwd[grid](
+            k, v, dummy if g32 is None else g32, dummy if h0_32 is None else h0_32,
+            dummy if u0_32 is None else u0_32, h_states, u_states, h_final, u_final,
+            seq_len, heads, num_chunks, key_dim, value_dim,
+            HAS_G=g32 is not None, HAS_S0=h0_32 is not None, STORE_FINAL=True,
+            C=chunk_size, BR=rows, BD=bd, DOT_PREC=prec, INTERPRET=interpreting(), num_warps=cfg["scan_warps"],
+        )
+        K._gka_fwd_chunk[(num_chunks, batch * heads)](
+            q, k, v, dummy if g32 is None else g32, dummy if a32 is None else a32,
+            h_states, u_states, x, o, norm,
+            seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
+            ADAPTIVE=adaptive, HAS_G=g32 is not None, HAS_ALPHA=a32 is not None,
+            C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, LEAN=cfg["fwd_lean"], SPLIT=cfg["split"],
+            INTERPRET=interpreting(), num_warps=cfg["fwd_warps"],
+        )
+        ctx.save_for_backward(q, k, v, g32, a32, h_states, u_states, x, norm)
+        ctx.options = (ridge, adaptive, num_iter, scale, chunk_size)
+        ctx.cfg = cfg
+        ctx.input_dtypes = tuple(None if t is None else t.dtype for t in (g, alpha, h0, u0))
+        ctx.set_materialize_grads(False)
+        return o, h_final, u_final
+
+    @staticmethod
+    def backward(ctx, do, dh_final, du_final):
+        q, k, v, g32, a32, h_states, u_states, x, norm = ctx.saved_tensors
+        ridge, adaptive, num_iter, scale, chunk_size = ctx.options
+        batch, seq_len, heads, key_dim = q.shape
+        value_dim = v.shape[-1]
+        num_chunks = h_states.shape[2]
+        if do is None:
+            do = torch.zeros_like(v)
+        do = do.to(q.dtype).contiguous()
+        f32 = {"device": q.device, "dtype": torch.float32}
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        dk_part = torch.empty(batch, seq_len, heads, key_dim, **f32)
+        dv_part = torch.empty(batch, seq_len, heads, value_dim, **f32)
+        dG_part = torch.empty(batch, heads, num_chunks * chunk_size, **f32)
+        dalpha = torch.empty(batch, seq_len, heads, **f32) if a32 is not None else None
+        dg = torch.empty(batch, seq_len, heads, **f32) if g32 is not None else None
+        dh_buf = torch.empty_like(h_states)
+        du_buf = torch.empty_like(u_states)
+        dh0 = torch.empty(batch, heads, key_dim, key_dim, **f32)
+        du0 = torch.empty(batch, heads, value_dim, key_dim, **f32)
+        cfg = ctx.cfg
+        bd, bdv = _block(key_dim), _block(value_dim)
+        prec = _dot_precision(q.dtype)
+        dummy = dk_part
+        has_g = g32 is not None
+        gp = g32 if has_g else dummy
+
+        # LEAN: the second solve's right-hand side in the input dtype (bf16 inputs: ~bf16 rounding of dq).
+        dx = torch.empty(batch, seq_len, heads, key_dim, device=q.device,
+                         dtype=q.dtype if cfg["bwd_lean"] else torch.float32)
+        dq_direct = torch.empty(batch, seq_len, heads, key_dim, **f32) if a32 is not None else dummy
+        grid = (num_chunks, batch * heads)
+        K._gka_bwd_readout[grid](
+            q, k, v, gp, a32 if a32 is not None else dummy, u_states, x, do,
+            dx, dq_direct, dk_part, dv_part, dG_part, dalpha if dalpha is not None else dummy, du_buf,
+            seq_len, heads, num_chunks, key_dim, value_dim, float(scale),
+            HAS_G=has_g, HAS_ALPHA=a32 is not None,
+            C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["readout_warps"],
+        )
+        K._gka_bwd_solve[grid](
+            k, gp, h_states, x, norm, dx, dq_direct, dq, dk_part, dG_part, dh_buf,
+            seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
+            ADAPTIVE=adaptive, HAS_G=has_g, HAS_ALPHA=a32 is not None,
+            C=chunk_size, BD=bd, DOT_PREC=prec, LEAN=cfg["bwd_lean"], SPLIT=cfg["split"],
+            INTERPRET=interpreting(), num_warps=cfg["bwd_warps"],
+        )
+        block = min(1024, triton.next_power_of_2(key_dim * max(key_dim, value_dim)))
+        has_final = dh_final is not None or du_final is not None
+        if has_final:
+            dh_final = torch.zeros_like(dh0) if dh_final is None else dh_final.float().contiguous()
+            du_final = torch.zeros_like(du0) if du_final is None else du_final.float().contiguous()
+        K._state_scan_bwd[(triton.cdiv(key_dim**2, block) + triton.cdiv(value_dim * key_dim, block), batch * heads)](
+            dh_buf, du_buf, gp,
+            dh_final if has_final else dummy, du_final if has_final else dummy,
+            dh0, du0, seq_len, heads, num_chunks, key_dim, value_dim,
+            HAS_G=has_g, HAS_FINAL=has_final, C=chunk_size, BLOCK=block, INTERPRET=interpreting(),
+            num_warps=cfg["scan_bwd_warps"],
+        )
+        K._gka_bwd_carry[(num_chunks, batch * heads)](
+            k, v, gp, h_states, u_states, dh_buf, du_buf, dk_part, dv_part, dG_part,
+            dk, dv, dg if dg is not None else dummy,
+            seq_len, heads, num_chunks, key_dim, value_dim,
+            HAS_G=has_g, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["carry_warps"],
+        )
+        g_dtype, a_dtype, h0_dtype, u0_dtype = ctx.input_dtypes
+        return (
+            dq,
+            dk,
+            dv,
+            None if dg is None else dg.to(g_dtype),
+            None if dalpha is None else dalpha.to(a_dtype),
+            None if h0_dtype is None else dh0.to(h0_dtype),
+            None if u0_dtype is None else du0.to(u0_dtype),
+            None, None, None, None, None,
+        )
+
+
+def triton_gka(
+    q,
+    k,
+    v,
+    g=None,
+    alpha=None,
+    *,
+    ridge_ratio,
+    ridge_mode,
+    num_iter,
+    scale,
+    chunk_size=64,
+    initial_state=None,
+    output_final_state=False,
+):
+    """Same contract as `chunk_gka` with solver="chebyshev" (check `unsupported_reason` first)."""
+    h0, u0 = (None, None) if initial_state is None else initial_state
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    chunk_size = LAUNCH_OVERRIDES.get("chunk", chunk_size)
+    if q.dtype == torch.float32 and q.is_cuda:
+        # fp32 operands double the shared memory of every dot; 64-token chunks overflow the H200's 227 KiB.
+        # The chunk size changes only the order of the sums, not the function.
+        chunk_size = min(chunk_size, FP32_CHUNK_SIZE)
+    o, h_final, u_final = _TritonGKA.apply(
+        q, k, v, g, alpha, h0, u0, ridge_ratio, ridge_mode == "adaptive", num_iter, scale, chunk_size
+    )
+    return (o, (h_final, u_final)) if output_final_state else o

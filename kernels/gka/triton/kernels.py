@@ -1,0 +1,510 @@
+"""Triton kernels of the chunk-wise GKA forward and its implicit-differentiation backward (GKA.md).
+
+Per (batch, head) the sequence is cut into chunks of C tokens (the last one masked). Within a chunk,
+with G the in-chunk cumulative log-decay, E = e^G, M[c, j] = e^{G_c - G_j} (j <= c) and H0, U0 the
+states at the chunk start:
+
+    A_c x = E_c H0 x + sum_j M[c, j] (k_j . x) k_j + lam_c x            (the solver's matvec, C at once)
+    ||H_c||^2 = E_c^2 ||H0||^2 + 2 E_c sum_j M[c, j] k_j^T H0 k_j + m_c^T (K K^T)^2 m_c
+    o = scale (((Qt K^T) * M) V + E * (Qt U0^T))                         (the readout)
+
+Launches, forward:  _state_scan_fwd  (H and U chunk-start states, sequential over chunks)
+                    _gka_fwd_chunk   (norms, Chebyshev solve, alpha-connection, readout; chunk-parallel)
+backward:           _gka_bwd_readout (readout and alpha grads, the chunk's dU0 contribution; chunk-parallel)
+                    _gka_bwd_solve   (the second Chebyshev solve, the grads through A and lam, the
+                                      chunk's dH0 contribution; chunk-parallel)
+                    _state_scan_bwd  (reverse-time sum of those contributions, elementwise over the states)
+                    _gka_bwd_carry   (what the carried state gradients give k, v, g; reverse cumsum of dG)
+
+Layouts: q, k, x, dq, dk [B, T, H, Dk] and v, o, dv [B, T, H, Dv] contiguous; g, alpha [B, T, H];
+states [B, H, N, rows, Dk] fp32; per-token fp32 scalars (norm, dG) [B, H, N * C].
+Dot operands are in the input dtype (fp32: tf32 or ieee per DOT_PREC), accumulation and state fp32.
+"""
+
+import triton
+import triton.language as tl
+
+# Zero-key convention shared with the torch paths (solvers.NORM_EPS_SQ).
+NORM_EPS_SQ = tl.constexpr(1e-12)
+
+
+@triton.jit
+def _chunk_decay(g, tok_offs, tmask, t_stride, HAS_G: tl.constexpr, C: tl.constexpr):
+    """In-chunk cumulative log-decay G [C] (0 past the end of the sequence) and its total."""
+    if HAS_G:
+        gc = tl.load(g + tok_offs * t_stride, mask=tmask, other=0.0).to(tl.float32)
+        G = tl.cumsum(gc, 0)
+    else:
+        G = tl.zeros([C], dtype=tl.float32)
+    return G, tl.sum(tl.where(tl.arange(0, C) == C - 1, G, 0.0), 0)
+
+
+@triton.jit
+def _decay_mask(G, C: tl.constexpr):
+    """M[c, j] = exp(G_c - G_j) for j <= c, else 0 (masked before the exp, so no inf * 0)."""
+    rows = tl.arange(0, C)
+    causal = rows[:, None] >= rows[None, :]
+    return tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
+
+
+@triton.jit
+def _apply_A(x, H0T, K, M, E, lam, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """A X for the C iterates X [C, BD] (row c is (A_c x_c)^T); H0T = H0^T and K in the dot dtype.
+
+    SPLIT (bf16/fp16): X K^T as (hi + lo) K^T with hi = bf16(X), lo = bf16(X - hi). Rounding the iterate
+    in that product is what limits a bf16 solve (the recent keys carry the large eigenvalues): emulated
+    at 1 x 1024 x 128, o moved 1.8e-2 from the float64 result without the split and 3.4e-3 with it;
+    rounding H0, the masked scores or the state updates cost <= 2e-3 each.
+    """
+    xd = x.to(K.dtype)
+    ax = tl.dot(xd, H0T, input_precision=DOT_PREC) * E[:, None]
+    xk = tl.dot(xd, tl.trans(K), input_precision=DOT_PREC)
+    if SPLIT:
+        xk = tl.dot((x - xd.to(tl.float32)).to(K.dtype), tl.trans(K), acc=xk, input_precision=DOT_PREC)
+    ax = tl.dot((xk * M).to(K.dtype), K, acc=ax, input_precision=DOT_PREC)
+    return ax + lam[:, None] * x
+
+
+@triton.jit
+def _chebyshev(rhs, H0T, K, M, E, lam, upper, num_iter, DOT_PREC: tl.constexpr, LEAN: tl.constexpr,
+               SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+    """num_iter Chebyshev steps for A x = rhs, spec(A_c) in [lam_c, upper_c] (GKA.md), from 2 rhs / (L + mu).
+
+    Carries x (fp32) and the last step d = x - x_prev; LEAN keeps d in the dot dtype (a rounding error in d
+    acts like one in x_prev, which later steps damp, so it costs no accuracy while d shrinks) to save
+    registers. rhs stays in the dtype it comes in.
+    INTERPRET: the interpreter (numpy >= 2.4) can't range() over a scalar argument; it loops with while.
+    """
+    step = 2.0 / (upper + lam)
+    rho = (upper - lam) / (upper + lam)
+    rho_sq = rho * rho
+    weight = tl.zeros_like(step) + 2.0
+    x = step[:, None] * rhs.to(tl.float32)
+    if LEAN:
+        d = x.to(K.dtype)
+    else:
+        d = x
+    if INTERPRET:
+        i = 0
+        while i < num_iter:
+            x, d, weight = _chebyshev_step(x, d, weight, step, rho_sq, rhs, H0T, K, M, E, lam, DOT_PREC,
+                                           SPLIT)
+            i += 1
+    else:
+        for _ in range(num_iter):
+            x, d, weight = _chebyshev_step(x, d, weight, step, rho_sq, rhs, H0T, K, M, E, lam, DOT_PREC,
+                                           SPLIT)
+    return x
+
+
+@triton.jit
+def _chebyshev_step(x, d, weight, step, rho_sq, rhs, H0T, K, M, E, lam, DOT_PREC: tl.constexpr,
+                    SPLIT: tl.constexpr):
+    """One Chebyshev step x <- x - w s (A x - rhs) + (w - 1)(x - x_prev); returns (x, x - x_prev, weight)."""
+    weight = 4.0 / (4.0 - rho_sq * weight)
+    resid = _apply_A(x, H0T, K, M, E, lam, DOT_PREC, SPLIT) - rhs.to(tl.float32)
+    d_new = (weight - 1.0)[:, None] * d.to(tl.float32) - (weight * step)[:, None] * resid
+    return x + d_new, d_new.to(d.dtype), weight
+
+
+@triton.jit
+def _sq_norms(H0, K, M, E, DOT_PREC: tl.constexpr):
+    """||H_c||_F^2 for every token of the chunk, plus the pieces the backward reuses."""
+    h_sq = tl.sum(tl.sum(H0 * H0, 1), 0)
+    kh = tl.dot(K, H0.to(K.dtype), input_precision=DOT_PREC)  # row j: k_j^T H0
+    energy = tl.sum(kh * K.to(tl.float32), 1)  # k_j^T H0 k_j
+    kk = tl.dot(K, tl.trans(K), input_precision=DOT_PREC)
+    mp = tl.dot(M, kk * kk, input_precision=DOT_PREC)
+    sq = E * E * h_sq + 2.0 * E * tl.sum(M * energy[None, :], 1) + tl.sum(mp * M, 1)
+    return sq, h_sq, kh, energy, kk, mp
+
+
+@triton.jit
+def _scan_fwd_step(
+    n, state, src, k, g, states, row0, T, H, N, R, D, b, h,
+    HAS_G: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Stores S_n (the start state of chunk n, rows [row0, row0 + BR)) and returns S_{n+1}."""
+    out = tl.make_block_ptr(states + ((b * H + h) * N + n) * R * D, shape=(R, D), strides=(D, 1),
+                            offsets=(row0, 0), block_shape=(BR, BD), order=(1, 0))
+    tl.store(out, state.to(states.dtype.element_ty), boundary_check=(0, 1))
+    kc = _load(_tile(k, b, h, n, T, H, D, C, BD))
+    src_tile = tl.make_block_ptr(src + (b * T * H + h) * R, shape=(T, R), strides=(H * R, 1),
+                                 offsets=(n * C, row0), block_shape=(C, BR), order=(1, 0))
+    sc = _load(src_tile)
+    t = n * C + tl.arange(0, C)
+    G, g_last = _chunk_decay(g + b * T * H + h, t, t < T, H, HAS_G, C)
+    sc = (sc.to(tl.float32) * tl.exp(g_last - G)[:, None]).to(kc.dtype)
+    return state * tl.exp(g_last) + tl.dot(tl.trans(sc), kc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _state_scan_fwd(
+    k, v, g, h0, u0, h_states, u_states, h_final, u_final, T, H, N, D, DV,
+    HAS_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    C: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Chunk-start states of H (rows from k) and U (rows from v) in one launch: grid (row blocks, B * H).
+
+    S_{n+1} = e^{G_last} S_n + (src * e^{G_last - G})^T K over the chunks, for rows [r * BR, +BR) of S.
+    """
+    pid_r = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    num_h_blocks = tl.cdiv(D, BR)
+    if pid_r < num_h_blocks:
+        src = k
+        s0 = h0
+        states = h_states
+        s_final = h_final
+        R = D
+        row0 = pid_r * BR
+    else:
+        src = v
+        s0 = u0
+        states = u_states
+        s_final = u_final
+        R = DV
+        row0 = (pid_r - num_h_blocks) * BR
+    if HAS_S0:
+        start = tl.make_block_ptr(s0 + bh * R * D, shape=(R, D), strides=(D, 1), offsets=(row0, 0),
+                                  block_shape=(BR, BD), order=(1, 0))
+        state = _load(start).to(tl.float32)
+    else:
+        state = tl.zeros([BR, BD], dtype=tl.float32)
+    if INTERPRET:
+        n = 0
+        while n < N:
+            state = _scan_fwd_step(n, state, src, k, g, states, row0, T, H, N, R, D, b, h, HAS_G, C, BR, BD,
+                                   DOT_PREC)
+            n += 1
+    else:
+        for n in range(N):
+            state = _scan_fwd_step(n, state, src, k, g, states, row0, T, H, N, R, D, b, h, HAS_G, C, BR, BD,
+                                   DOT_PREC)
+    if STORE_FINAL:
+        final = tl.make_block_ptr(s_final + bh * R * D, shape=(R, D), strides=(D, 1), offsets=(row0, 0),
+                                  block_shape=(BR, BD), order=(1, 0))
+        tl.store(final, state, boundary_check=(0, 1))
+
+
+@triton.jit
+def _gka_fwd_chunk(
+    q, k, v, g, alpha, h_states, u_states, x_out, o, norm_out,
+    T, H, N, D, DV, scale, ridge, num_iter,
+    ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr,
+    SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One chunk of one (batch, head): norms, Chebyshev solve, alpha-connection, readout. Grid (N, B * H)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t = n * C + tl.arange(0, C)
+    tmask = t < T
+
+    K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+    G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
+    M = _decay_mask(G, C)
+    E = tl.exp(G)
+    H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(tl.float32)
+
+    sq, _, _, _, _, _ = _sq_norms(H0, K, M, E, DOT_PREC)
+    norm = tl.sqrt(tl.maximum(sq, 0.0) + NORM_EPS_SQ)
+    if ADAPTIVE:
+        lam = ridge * norm
+    else:
+        lam = tl.zeros_like(norm) + ridge
+    tl.store(norm_out + bh * N * C + t, norm)
+
+    Q = _load(_tile(q, b, h, n, T, H, D, C, BD))
+    if not LEAN:
+        Q = Q.to(tl.float32)
+    X = _chebyshev(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, LEAN, SPLIT,
+                   INTERPRET)
+    tl.store(_tile(x_out, b, h, n, T, H, D, C, BD), X, boundary_check=(0, 1))
+    if HAS_ALPHA:
+        a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
+        X = Q.to(tl.float32) + a[:, None] * (X - Q.to(tl.float32))
+
+    V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
+    U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(tl.float32)
+    qt = X.to(K.dtype)
+    scores = tl.dot(qt, tl.trans(K), input_precision=DOT_PREC) * M
+    out = tl.dot(qt, tl.trans(U0.to(K.dtype)), input_precision=DOT_PREC) * E[:, None]
+    out = tl.dot(scores.to(K.dtype), V, acc=out, input_precision=DOT_PREC)
+    tl.store(_tile(o, b, h, n, T, H, DV, C, BDV), (scale * out).to(o.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _tile(ptr, b, h, n, T, H, D, C: tl.constexpr, BD: tl.constexpr):
+    """Block pointer to the [C, BD] tile of chunk n of a [B, T, H, D] tensor (rows past T, cols past D
+    masked).
+
+    Block pointers keep the address arithmetic at each load/store instead of [C, BD] offset tensors
+    that would stay live in registers across the solver loop."""
+    return tl.make_block_ptr(ptr + (b * T * H + h) * D, shape=(T, D), strides=(H * D, 1), offsets=(n * C, 0),
+                             block_shape=(C, BD), order=(1, 0))
+
+
+@triton.jit
+def _state(ptr, bh, n, N, R, D, BR: tl.constexpr, BD: tl.constexpr):
+    """Block pointer to the [R, D] state of chunk n of a [B, H, N, R, D] buffer."""
+    return tl.make_block_ptr(ptr + (bh * N + n) * R * D, shape=(R, D), strides=(D, 1), offsets=(0, 0),
+                             block_shape=(BR, BD), order=(1, 0))
+
+
+@triton.jit
+def _load(block_ptr):
+    """A block-pointer load with everything past the tensor's edges read as 0."""
+    return tl.load(block_ptr, boundary_check=(0, 1), padding_option="zero")
+
+
+@triton.jit
+def _chunk_ids(T, H, C: tl.constexpr):
+    """Program ids of a chunk-parallel launch, grid (N, B * H): (n, b * H + h, b, h, tokens, token mask)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t = n * C + tl.arange(0, C)
+    tmask = t < T
+    return n, bh, b, h, t, tmask
+
+
+@triton.jit
+def _gka_bwd_readout(
+    q, k, v, g, alpha, u_states, x_saved, do,
+    dx_out, dq_direct, dk_part, dv_part, dG_part, dalpha, du_local,
+    T, H, N, D, DV, scale,
+    HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Backward of the readout o = scale (((qt K^T) * M) V + E * (qt U0^T)) and of qt = q + alpha (x - q).
+
+    dqt = scale (((dO V^T) * M) K + E * (dO U0)); writes dx = alpha dqt (the right-hand side of the second
+    solve), (1 - alpha) dqt, dalpha, the readout's dK, dV and dG, and the chunk's dU0 contribution.
+    """
+    n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
+    K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+    dt = K.dtype
+    G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
+    M = _decay_mask(G, C)
+    E = tl.exp(G)
+    X = _load(_tile(x_saved, b, h, n, T, H, D, C, BD))
+    if HAS_ALPHA:
+        Q = _load(_tile(q, b, h, n, T, H, D, C, BD)).to(tl.float32)
+        a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
+        qt = Q + a[:, None] * (X - Q)
+    else:
+        qt = X
+    V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
+    dO = _load(_tile(do, b, h, n, T, H, DV, C, BDV))
+    U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(tl.float32)
+
+    qtd = qt.to(dt)
+    dov = tl.dot(dO, tl.trans(V), input_precision=DOT_PREC) * M  # (dO V^T) * M
+    do_u0 = tl.dot(dO, U0.to(dt), input_precision=DOT_PREC)  # row c: (U0^T do_c)^T
+    dqt = scale * tl.dot(dov.to(dt), K, acc=E[:, None] * do_u0, input_precision=DOT_PREC)
+    scores = tl.dot(qtd, tl.trans(K), input_precision=DOT_PREC)  # qt K^T
+    dV = scale * tl.dot(tl.trans((scores * M).to(dt)), dO, input_precision=DOT_PREC)
+    tl.store(_tile(dv_part, b, h, n, T, H, DV, C, BDV), dV, boundary_check=(0, 1))
+    dK = scale * tl.dot(tl.trans(dov.to(dt)), qtd, input_precision=DOT_PREC)
+    tl.store(_tile(dk_part, b, h, n, T, H, D, C, BD), dK, boundary_check=(0, 1))
+    R = scale * dov * scores  # dM * M of the readout (dov carries M)
+    dE = scale * tl.sum(do_u0 * qt, 1)
+    tl.store(dG_part + bh * N * C + t, tl.sum(R, 1) - tl.sum(R, 0) + E * dE)
+    du0 = scale * tl.dot(tl.trans((dO.to(tl.float32) * E[:, None]).to(dt)), qtd, input_precision=DOT_PREC)
+    du0 = du0.to(du_local.dtype.element_ty)
+    tl.store(_state(du_local, bh, n, N, DV, D, BDV, BD), du0, boundary_check=(0, 1))
+    if HAS_ALPHA:
+        dx = a[:, None] * dqt
+        tl.store(dalpha + (b * T + t) * H + h, tl.sum(dqt * (X - Q), 1), mask=tmask)
+        tl.store(_tile(dq_direct, b, h, n, T, H, D, C, BD), dqt - dx, boundary_check=(0, 1))
+    else:
+        dx = dqt
+    tl.store(_tile(dx_out, b, h, n, T, H, D, C, BD), dx.to(dx_out.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _gka_bwd_solve(
+    k, g, h_states, x_saved, norm_saved, dx_in, dq_direct,
+    dq, dk_part, dG_part, dh_local,
+    T, H, N, D, ridge, num_iter,
+    ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr, SPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """The second Chebyshev solve Y = A^{-1} dx (forward's bounds), dq = (1 - alpha) dqt + Y, and the grads of
+    dA_c = -y_c x_c^T through A_c = E_c H0 + sum_j M[c, j] k_j k_j^T + lam_c I and, in adaptive mode,
+    through lam_c = a ||H_c||_F and the chunk formula for ||H_c||_F^2. Adds to dK and dG of the readout
+    and writes the chunk's dH0 contribution. Grid (N, B * H).
+    """
+    n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
+    K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+    dt = K.dtype
+    G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
+    M = _decay_mask(G, C)
+    E = tl.exp(G)
+    H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(tl.float32)
+    H0T = tl.trans(H0).to(dt)
+    norm = tl.load(norm_saved + bh * N * C + t)
+    if ADAPTIVE:
+        lam = ridge * norm
+    else:
+        lam = tl.zeros_like(norm) + ridge
+    dx = _load(_tile(dx_in, b, h, n, T, H, D, C, BD))
+    Y = _chebyshev(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, LEAN, SPLIT, INTERPRET)
+    if HAS_ALPHA:
+        dq_t = Y + _load(_tile(dq_direct, b, h, n, T, H, D, C, BD))
+        tl.store(_tile(dq, b, h, n, T, H, D, C, BD), dq_t.to(dq.dtype.element_ty), boundary_check=(0, 1))
+    else:
+        tl.store(_tile(dq, b, h, n, T, H, D, C, BD), Y.to(dq.dtype.element_ty), boundary_check=(0, 1))
+
+    # Reloaded rather than kept: an fp32 [D, D] tile live across the solver loop costs registers there.
+    H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(tl.float32)
+    H0T = tl.trans(H0).to(dt)
+    X = _load(_tile(x_saved, b, h, n, T, H, D, C, BD))
+    xd = X.to(dt)
+    yd = Y.to(dt)
+    xk = tl.dot(xd, tl.trans(K), input_precision=DOT_PREC)
+    yk = tl.dot(yd, tl.trans(K), input_precision=DOT_PREC)
+    dM = -xk * yk
+    dK = -tl.dot(tl.trans((xk * M).to(dt)), yd, input_precision=DOT_PREC)
+    dK -= tl.dot(tl.trans((yk * M).to(dt)), xd, input_precision=DOT_PREC)
+    dE = -tl.sum(Y * tl.dot(xd, H0T, input_precision=DOT_PREC), 1)  # -y_c^T H0 x_c
+    dh0 = -tl.dot(tl.trans((Y * E[:, None]).to(dt)), xd, input_precision=DOT_PREC)
+    if ADAPTIVE:
+        # lam_c = a ||H_c||: d||H_c||^2 = a (-y_c . x_c) / (2 ||H_c||).
+        s = ridge * -tl.sum(Y * X, 1) / (2.0 * norm)
+        sq, h_sq, kh, energy, kk, mp = _sq_norms(H0, K, M, E, DOT_PREC)
+        s = tl.where(sq >= 0.0, s, 0.0)
+        dE += s * (2.0 * E * h_sq + 2.0 * tl.sum(M * energy[None, :], 1))
+        w = tl.sum(M * (s * E)[:, None], 0)  # w_j = sum_c s_c E_c M[c, j]
+        kht = tl.dot(K, H0T, input_precision=DOT_PREC)  # row j: (H0 k_j)^T
+        dK += 2.0 * w[:, None] * (kh + kht)
+        dM += 2.0 * s[:, None] * (E[:, None] * energy[None, :] + mp)
+        dp = tl.dot(tl.trans(M * s[:, None]), M, input_precision=DOT_PREC)  # M^T diag(s) M
+        dK += 4.0 * tl.dot((dp * kk).to(dt), K, input_precision=DOT_PREC)
+        kw = (K.to(tl.float32) * w[:, None]).to(dt)
+        dh0 += 2.0 * tl.sum(s * E * E, 0) * H0 + 2.0 * tl.dot(tl.trans(kw), K, input_precision=DOT_PREC)
+    tl.store(_state(dh_local, bh, n, N, D, D, BD, BD), dh0.to(dh_local.dtype.element_ty),
+             boundary_check=(0, 1))
+    R = dM * M
+    dG_ptr = dG_part + bh * N * C + t
+    tl.store(dG_ptr, tl.load(dG_ptr) + tl.sum(R, 1) - tl.sum(R, 0) + E * dE)
+    dk_tile = _tile(dk_part, b, h, n, T, H, D, C, BD)
+    tl.store(dk_tile, _load(dk_tile) + dK, boundary_check=(0, 1))
+
+
+@triton.jit
+def _scan_bwd_group(n0, carry, buf, g, offs, mask, T, H, N, SIZE, b, h, HAS_G: tl.constexpr, C: tl.constexpr):
+    """Chunks n0, n0 - 1, n0 - 2, n0 - 3 (those >= 0): the four loads go out before the dependent updates."""
+    base = buf + (b * H + h) * N * SIZE + offs
+    l0 = tl.load(base + n0 * SIZE, mask=mask, other=0.0).to(tl.float32)
+    l1 = tl.load(base + (n0 - 1) * SIZE, mask=mask & (n0 >= 1), other=0.0).to(tl.float32)
+    l2 = tl.load(base + (n0 - 2) * SIZE, mask=mask & (n0 >= 2), other=0.0).to(tl.float32)
+    l3 = tl.load(base + (n0 - 3) * SIZE, mask=mask & (n0 >= 3), other=0.0).to(tl.float32)
+    gbase = g + b * T * H + h
+    tok = tl.arange(0, C)
+    _, e0 = _chunk_decay(gbase, n0 * C + tok, n0 * C + tok < T, H, HAS_G, C)
+    _, e1 = _chunk_decay(gbase, (n0 - 1) * C + tok, ((n0 - 1) * C + tok < T) & (n0 >= 1), H, HAS_G, C)
+    _, e2 = _chunk_decay(gbase, (n0 - 2) * C + tok, ((n0 - 2) * C + tok < T) & (n0 >= 2), H, HAS_G, C)
+    _, e3 = _chunk_decay(gbase, (n0 - 3) * C + tok, ((n0 - 3) * C + tok < T) & (n0 >= 3), H, HAS_G, C)
+    tl.store(base + n0 * SIZE, carry.to(buf.dtype.element_ty), mask=mask)
+    carry = l0 + tl.exp(e0) * carry
+    tl.store(base + (n0 - 1) * SIZE, carry.to(buf.dtype.element_ty), mask=mask & (n0 >= 1))
+    carry = l1 + tl.exp(e1) * carry  # a chunk n < 0 has l = 0 and G_last = 0: carry unchanged
+    tl.store(base + (n0 - 2) * SIZE, carry.to(buf.dtype.element_ty), mask=mask & (n0 >= 2))
+    carry = l2 + tl.exp(e2) * carry
+    tl.store(base + (n0 - 3) * SIZE, carry.to(buf.dtype.element_ty), mask=mask & (n0 >= 3))
+    return l3 + tl.exp(e3) * carry
+
+
+@triton.jit
+def _state_scan_bwd(
+    dh_buf, du_buf, g, dh_final, du_final, dh_init, du_init, T, H, N, D, DV,
+    HAS_G: tl.constexpr, HAS_FINAL: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """In place over the [B, H, N, rows, Dk] buffers of dH0 and dU0 contributions (one launch for both):
+    chunk n's local state gradient in, the gradient at its end out.
+
+    Z_n = local_n + e^{G_last,n} Z_{n+1} (Z_N = the final state's grad); buf[n] <- Z_{n+1}; init <- Z_0.
+    Elementwise over the states; grid (blocks of H's then U's elements, B * H).
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    num_h_blocks = tl.cdiv(D * D, BLOCK)
+    if pid < num_h_blocks:
+        buf = dh_buf
+        d_final = dh_final
+        d_init = dh_init
+        SIZE = D * D
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    else:
+        buf = du_buf
+        d_final = du_final
+        d_init = du_init
+        SIZE = DV * D
+        offs = (pid - num_h_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < SIZE
+    if HAS_FINAL:
+        carry = tl.load(d_final + bh * SIZE + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK], dtype=tl.float32)
+    if INTERPRET:
+        n0 = N - 1
+        while n0 >= 0:
+            carry = _scan_bwd_group(n0, carry, buf, g, offs, mask, T, H, N, SIZE, b, h, HAS_G, C)
+            n0 -= 4
+    else:
+        for i in range(0, N, 4):
+            carry = _scan_bwd_group(N - 1 - i, carry, buf, g, offs, mask, T, H, N, SIZE, b, h, HAS_G, C)
+    tl.store(d_init + bh * SIZE + offs, carry, mask=mask)
+
+
+@triton.jit
+def _gka_bwd_carry(
+    k, v, g, h_states, u_states, dh_end, du_end, dk_part, dv_part, dG_part, dk, dv, dg,
+    T, H, N, D, DV,
+    HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Adds what the state gradients at the chunk end (Z, dU) give k, v and G, then dg = reverse cumsum of dG.
+
+    H_end = e^{G_last} H0 + sum_j e^{G_last - G_j} k_j k_j^T, U_end likewise with v_j k_j^T. Grid (N, B * H).
+    """
+    n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
+    K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+    V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
+    dt = K.dtype
+    G, g_last = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
+    to_end = tl.exp(g_last - G)
+    Z = _load(_state(dh_end, bh, n, N, D, D, BD, BD)).to(tl.float32)
+    dU = _load(_state(du_end, bh, n, N, DV, D, BDV, BD)).to(tl.float32)
+    kz = tl.dot(K, Z.to(dt), input_precision=DOT_PREC)  # row j: (Z^T k_j)^T
+    kzt = tl.dot(K, tl.trans(Z).to(dt), input_precision=DOT_PREC)  # row j: (Z k_j)^T
+    vdu = tl.dot(V, dU.to(dt), input_precision=DOT_PREC)  # row j: (dU^T v_j)^T
+    kdut = tl.dot(K, tl.trans(dU).to(dt), input_precision=DOT_PREC)  # row j: (dU k_j)^T
+    Kf = K.to(tl.float32)
+    dK = to_end[:, None] * (kz + kzt + vdu)
+    dK += _load(_tile(dk_part, b, h, n, T, H, D, C, BD))
+    dV = to_end[:, None] * kdut
+    dV += _load(_tile(dv_part, b, h, n, T, H, DV, C, BDV))
+    tl.store(_tile(dk, b, h, n, T, H, D, C, BD), dK.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_tile(dv, b, h, n, T, H, DV, C, BDV), dV.to(dv.dtype.element_ty), boundary_check=(0, 1))
+
+    if HAS_G:
+        H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(tl.float32)
+        U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(tl.float32)
+        through_start = tl.exp(g_last) * (tl.sum(tl.sum(Z * H0, 1), 0) + tl.sum(tl.sum(dU * U0, 1), 0))
+        energy = to_end * tl.sum((kz + vdu) * Kf, 1)  # e^{G_last - G_j} (k_j^T Z k_j + v_j^T dU k_j)
+        dG = tl.load(dG_part + bh * N * C + t) - energy
+        dG += tl.where(tl.arange(0, C) == C - 1, tl.sum(energy, 0) + through_start, 0.0)
+        # g_t enters G_c for every c >= t of the chunk.
+        dg_t = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+        tl.store(dg + (b * T + t) * H + h, dg_t, mask=tmask)

@@ -1,0 +1,208 @@
+"""gka backend="triton" under the Triton interpreter (TRITON_INTERPRET=1, set in conftest), fp32 on CPU: the
+same kernels that run on the GPU, against the float64 token-by-token reference.
+
+Forward within 1e-4 relative; gradients within 1e-2 of autograd through the reference's unrolled Chebyshev
+iteration. The triton backward is implicit differentiation (the exact solve's gradient), so it matches
+the unrolled one only once the iteration has converged: at num_iter = 30 dH_0 is off by ~1e-2 (checked
+at 60 iterations instead), and dq matches at any num_iter (x is a fixed polynomial of A times q). Against
+the torch path's implicit backward (the same mathematics) everything agrees to 1e-4 at any num_iter.
+Shapes stay tiny (T <= 130, D <= 33): the interpreter runs every op through numpy.
+"""
+
+import warnings
+import zlib
+
+import pytest
+import torch
+
+from kernels import gka
+from kernels.gka import triton as gka_triton
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_inputs(seed, seq_len, *, batch=1, heads=2, key_dim=20, value_dim=24, gates="mixed", alpha=True,
+                initial_state=False):
+    """float64 {q, k, v, g, alpha, H_0, U_0} (absent ones None); 'mixed' gates put g = 0, g ~ -U(0, 0.1)
+    and g = -20 (a near reset) side by side."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    inputs = {
+        "q": randn(batch, seq_len, heads, key_dim),
+        "k": torch.nn.functional.normalize(randn(batch, seq_len, heads, key_dim), dim=-1),
+        "v": randn(batch, seq_len, heads, value_dim),
+        "g": None,
+        "alpha": rand(batch, seq_len, heads) if alpha else None,
+        "H_0": None,
+        "U_0": None,
+    }
+    if gates == "mixed":
+        u = rand(batch, seq_len, heads)
+        inputs["g"] = torch.where(u < 0.1, -20.0, torch.where(u < 0.3, 0.0, -0.1 * u))
+    if initial_state:
+        past_keys = torch.nn.functional.normalize(randn(batch, heads, 6, key_dim), dim=-1)
+        inputs["H_0"] = past_keys.mT @ past_keys
+        inputs["U_0"] = randn(batch, heads, value_dim, key_dim)
+    return inputs
+
+
+def outputs_and_grads(inputs, dtype, **kwargs):
+    """o, H_T, U_T and the grads of a random projection of all three w.r.t. every input, computed in dtype
+    (None: as given)."""
+    leaves = {n: x.detach().to(dtype or x.dtype).requires_grad_() for n, x in inputs.items() if x is not None}
+    state = (leaves["H_0"], leaves["U_0"]) if "H_0" in leaves else None
+    o, (key_cov, value_key) = gka(
+        leaves["q"], leaves["k"], leaves["v"], leaves.get("g"), leaves.get("alpha"),
+        initial_state=state, output_final_state=True, **kwargs,
+    )
+    gen = torch.Generator().manual_seed(1234)
+    loss = sum((x.double() * torch.randn(x.shape, generator=gen, dtype=torch.float64)).sum()
+               for x in (o, key_cov, value_key))
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return {"o": o, "H_T": key_cov, "U_T": value_key, **{f"d{n}": g for n, g in zip(leaves, grads, strict=True)}}
+
+
+CASES = {
+    # name: (seq_len, make_inputs options, gka options, grads to skip at the 1e-2 tolerance)
+    "cheb30-state-chunk32": (100, {"initial_state": True}, {"num_iter": 30, "chunk_size": 32}, {"dH_0"}),
+    "cheb30-T-odd-chunk64": (130, {"key_dim": 33, "value_dim": 17}, {"num_iter": 30}, set()),
+    "cheb30-batch2-D16": (45, {"batch": 2, "key_dim": 16, "value_dim": 16, "initial_state": True},
+                          {"num_iter": 30, "chunk_size": 16}, {"dH_0"}),
+    "cheb30-no-gate-no-alpha": (70, {"gates": None, "alpha": False}, {"num_iter": 30, "chunk_size": 16}, set()),
+    "cheb30-constant-ridge": (
+        90, {"initial_state": True}, {"num_iter": 30, "ridge_mode": "constant", "ridge_ratio": 0.25,
+                                      "chunk_size": 32}, set(),
+    ),
+    "cheb60-state": (70, {"initial_state": True, "key_dim": 16, "value_dim": 16},
+                     {"num_iter": 60, "chunk_size": 32}, set()),
+    "cheb30-T=1": (1, {"initial_state": True}, {"num_iter": 30}, {"dH_0"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_reference(case):
+    seq_len, input_options, options, skip = CASES[case]
+    inputs = make_inputs(zlib.crc32(case.encode()), seq_len, **input_options)
+    fast = outputs_and_grads(inputs, torch.float32, backend="triton", **options)
+    slow = outputs_and_grads(inputs, torch.float64, backend="reference", **options)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert torch.isfinite(fast[name]).all(), name
+        if name in ("o", "H_T", "U_T"):
+            assert fast[name].dtype == torch.float32
+            assert rel_err(fast[name], slow[name]) < 1e-4, name
+        elif name not in skip:
+            assert rel_err(fast[name], slow[name]) < 1e-2, name
+    if "dH_0" in skip:  # the implicit dH_0 at 30 steps: ~1e-2 from the unrolled one, 1e-5 at 60 (cheb60)
+        assert rel_err(fast["dH_0"], slow["dH_0"]) < 5e-2
+
+
+@pytest.mark.parametrize("num_iter", [0, 5, 30])
+def test_triton_matches_torch_implicit_backward(num_iter):
+    # The torch path's implicit_backward (the default) is the same mathematics by autograd through one
+    # matvec: every output and gradient agrees at any num_iter, dH_0 included.
+    inputs = make_inputs(31 + num_iter, 70, initial_state=True)
+    fast = outputs_and_grads(inputs, torch.float32, backend="triton", num_iter=num_iter, chunk_size=32)
+    slow = outputs_and_grads(inputs, torch.float64, backend="torch", num_iter=num_iter, chunk_size=32)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert rel_err(fast[name], slow[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("num_iter", [0, 1, 64])
+def test_any_num_iter_forward_and_dq(num_iter):
+    # Forward is the same polynomial for every num_iter; so is dq = p(A) dx. dk, dv, dg are the implicit
+    # ones (exact-solve gradients), compared only for finiteness below 30 steps.
+    inputs = make_inputs(7 + num_iter, 50, heads=1, alpha=False)
+    fast = outputs_and_grads(inputs, torch.float32, backend="triton", num_iter=num_iter, chunk_size=16)
+    slow = outputs_and_grads(inputs, torch.float64, backend="reference", num_iter=num_iter)
+    for name in ("o", "H_T", "U_T", "dq", "dv"):
+        assert rel_err(fast[name], slow[name]) < 1e-4, name
+    for name in fast:
+        assert torch.isfinite(fast[name]).all(), name
+    if num_iter == 64:
+        for name in ("dk", "dg"):
+            assert rel_err(fast[name], slow[name]) < 1e-4, name
+
+
+def test_state_carries_across_calls():
+    inputs = make_inputs(11, 80, heads=1, initial_state=True)
+    names = ("q", "k", "v", "g", "alpha")
+    args = [inputs[n].float() for n in names]
+    state = (inputs["H_0"].float(), inputs["U_0"].float())
+    full, full_state = gka(*args, initial_state=state, output_final_state=True, backend="triton", chunk_size=16)
+    split = 37  # not chunk aligned
+    first, mid_state = gka(*[x[:, :split] for x in args], initial_state=state, output_final_state=True,
+                           backend="triton", chunk_size=16)
+    second, end_state = gka(*[x[:, split:] for x in args], initial_state=mid_state, output_final_state=True,
+                            backend="triton", chunk_size=16)
+    assert rel_err(torch.cat([first, second], dim=1), full) < 1e-5
+    for a, b in zip(end_state, full_state, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("g_value", [0.0, -30.0])
+def test_zero_keys_and_extreme_gates_stay_finite(g_value):
+    # g = 0: H_t only grows; g = -30: H decays to ~1e-13 between keys and ||H|| hits the 1e-6 floor;
+    # zero keys leave H = 0 exactly (lam = 2e-8). The torch path follows the same conventions.
+    inputs = make_inputs(13, 96, heads=1, key_dim=16, value_dim=16, gates=None)
+    inputs["k"][:, :20] = 0
+    inputs["k"][:, ::3] = 0
+    inputs["g"] = torch.full((1, 96, 1), g_value, dtype=torch.float64)
+    fast = outputs_and_grads(inputs, torch.float32, backend="triton", chunk_size=32)
+    slow = outputs_and_grads(inputs, torch.float64, backend="torch", chunk_size=32)
+    for name in fast:
+        assert torch.isfinite(fast[name]).all(), name
+    assert rel_err(fast["o"], slow["o"]) < 1e-4
+
+
+def test_all_zero_keys_give_zero_output():
+    inputs = make_inputs(5, 40, heads=1, key_dim=16, value_dim=16)
+    inputs["k"].zero_()
+    fast = outputs_and_grads(inputs, torch.float32, backend="triton", chunk_size=16)
+    assert torch.equal(fast["o"], torch.zeros_like(fast["o"]))
+    for name in fast:
+        assert torch.isfinite(fast[name]).all(), name
+
+
+def test_dispatch():
+    q = torch.randn(1, 8, 1, 16)
+    k = torch.nn.functional.normalize(torch.randn(1, 8, 1, 16), dim=-1)
+    v = torch.randn(1, 8, 1, 16)
+    with pytest.warns(UserWarning, match="backend='triton' does not take solver='cg'"):
+        cg = gka(q, k, v, solver="cg", num_iter=5, backend="triton")
+    assert torch.allclose(cg, gka(q, k, v, solver="cg", num_iter=5, backend="torch"))
+    with pytest.warns(UserWarning, match="chunk_size=48"):
+        gka(q, k, v, chunk_size=48, backend="triton")
+    with pytest.warns(UserWarning, match="implicit_backward=False"):
+        gka(q, k, v, implicit_backward=False, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "auto" on CPU tensors is the torch path, silently
+        assert torch.equal(gka(q, k, v, backend="auto"), gka(q, k, v, backend="torch"))
+
+
+@pytest.mark.parametrize("low_states", [False, True])
+def test_fp16_low_precision_path(low_states, monkeypatch):
+    # fp16 inputs take the GPU's low-precision solver path (the iterate's last step kept in the input dtype,
+    # the X K^T product split into hi + lo parts; optionally the chunk states stored in fp16); the
+    # interpreter's fp16 dot is exact enough to check it.
+    monkeypatch.setitem(gka_triton.LAUNCH_OVERRIDES, "low_states", low_states)
+    inputs = make_inputs(21, 100, heads=1, key_dim=32, value_dim=32)
+    inputs = {n: None if x is None else x.half().double() if n in ("q", "k", "v") else x for n, x in inputs.items()}
+    leaves = {n: x for n, x in inputs.items() if x is not None}
+    fast = outputs_and_grads({n: x.half() if n in ("q", "k", "v") else x.float() for n, x in leaves.items()}
+                             | {"H_0": None, "U_0": None}, None, backend="triton", chunk_size=32)
+    slow = outputs_and_grads(inputs, torch.float64, backend="reference")
+    assert fast["o"].dtype == torch.float16 and fast["dq"].dtype == torch.float16
+    for name in ("o", "dq", "dk", "dv", "dg", "dalpha"):
+        assert rel_err(fast[name], slow[name]) < 1e-2, name
