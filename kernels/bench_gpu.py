@@ -155,11 +155,11 @@ def markdown_table(rows) -> str:
         if "error" in row:
             lines.append(f"| {row['shape']} | {row['op']} | {row['num_iter'] or ''} | {row['error']} | | | | | |")
             continue
-        authors = (
-            f"{row['authors_fwd_bwd_ms']:.2f} ms: {row['speedup_vs_authors']:.2f}x faster"
-            if "authors_fwd_bwd_ms" in row
-            else ""
-        )
+        authors = ""
+        if "authors_fwd_bwd_ms" in row:
+            speedup = row["speedup_vs_authors"]
+            relation = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+            authors = f"{row['authors_fwd_bwd_ms']:.2f} ms: {relation}"
         floor = f"{row['floor_ms']:.2f} ({row['vs_floor']:.1f}x)" if "floor_ms" in row else ""
         lines.append(
             f"| {row['shape']} | {row['op']} | {row['num_iter'] or ''} | {row['fwd_ms']:.3f} | "
