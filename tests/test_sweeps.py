@@ -218,3 +218,15 @@ def test_journal_file_storage(tmp_path):
     summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
     assert summary["counts"]["complete"] == 2 and journal.is_file()
     assert (tmp_path / "runs" / "journal" / "report" / "report.md").is_file()
+
+
+def test_two_launchers_started_at_once(tmp_path):
+    """Two `lab sweep` commands on one new study: one creates it, the other loads it; no run is trained twice."""
+    config = write_sweep(tmp_path, {"study": "race", "lrs": [1e-3, 3e-3, 1e-2]})
+    command = [sys.executable, "-m", "lab.cli", "sweep", "--config", config, f"runs_dir={tmp_path / 'runs'}"]
+    launchers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                 for _ in range(2)]
+    outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
+    complete = by_state(trials_of(tmp_path, "race"), TrialState.COMPLETE)
+    assert sorted(t.params["trainer.lr"] for t in complete) == [1e-3, 3e-3, 1e-2]
