@@ -47,7 +47,7 @@ class SolverStudyConfig:
     grad_num_iter: int = 30
     grad_batch: int = 2
     grad_seq_len: int = 128
-    grad_d_model: int = 64
+    grad_d_model: int = 256  # 2 heads of 128: CG would end exactly within r steps on small heads
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
 
     def validate(self) -> None:
