@@ -10,7 +10,7 @@ from lab.errors import LabError
 
 USAGE_EXAMPLES = """examples:
   lab train --config configs/demo.yaml model.name=gka model.num_iter=10
-  lab tasks | lab models
+  lab tasks | lab models | lab new-task my_task
   lab runs demo
   lab sweep --config configs/sweeps/demo.yaml --workers 2
   lab report demo
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     solvers = commands.add_parser("solvers", help="the solver study: convergence and gradient accuracy (key=value)")
     solvers.add_argument("overrides", nargs="*", metavar="key=value")
     solvers.set_defaults(handler=cmd_solvers)
+
+    new_task = commands.add_parser("new-task", help="write a new task (generator, config, test) from a template")
+    new_task.add_argument("name", help="task name: a lower-case Python identifier")
+    new_task.set_defaults(handler=cmd_new_task)
 
     commands.add_parser("tasks", help="list tasks with their parameters").set_defaults(handler=cmd_tasks)
     commands.add_parser("models", help="list models with their parameters").set_defaults(handler=cmd_models)
@@ -118,6 +122,27 @@ def cmd_solvers(args) -> int:
     result = run_study(load_study_config(args.overrides))
     print(result["text"])
     print(f"wrote {result['dir']}: results.json, report.md, {', '.join(result['figures'])}, tb/")
+    return 0
+
+
+def cmd_new_task(args) -> int:
+    import tasks
+    from tasks.scaffold import new_task
+
+    # the files go next to the lab's own tasks/, configs/ and tests/ (an editable install: the checkout)
+    root = Path(tasks.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise LabError(f"lab new-task writes into the lab's source checkout, and {root} is not one "
+                       "(install the lab with `pip install -e .`, as the Makefile does)")
+    try:
+        written = new_task(args.name, root)
+    except tasks.TaskError as err:
+        raise LabError(str(err)) from None
+    name = args.name
+    print(f"wrote {', '.join(str(p.relative_to(root)) for p in written)}")
+    print(f"next: write the task in tasks/{name}.py (docs/adding-a-task.md), then")
+    print(f"  lab train --config configs/tasks/{name}.yaml")
+    print(f"  .venv/bin/python -m pytest tests/test_task_{name}.py -q")
     return 0
 
 

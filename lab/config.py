@@ -25,6 +25,7 @@ class DataConfig:
     num_train: int = 10_000  # training examples per slice
     num_test: int = 1_000  # test examples per slice
     # Each slice is a dict of task overrides, e.g. [{seq_len: 128, num_kv_pairs: 8}]; empty = the task itself.
+    # A slice's `num_examples` key sets its size (else num_train / num_test), as Zoology's slices have.
     # Sets that mix slices report accuracy per slice as well as overall.
     train_slices: list[Any] = field(default_factory=list)
     test_slices: list[Any] = field(default_factory=list)
@@ -113,11 +114,25 @@ def task_slices(run: RunConfig, split: str) -> list:
             raise LabError(f"data.{split}_slices[{i}]={override!r}: each slice must be a mapping of task keys")
         if "name" in override and override["name"] != run.task.name:
             raise LabError(f"data.{split}_slices[{i}].name: slices must use the run's task ({run.task.name})")
+        override = {key: value for key, value in override.items() if key != "num_examples"}  # see slice_sizes
         merged = _merge_checked(base, OmegaConf.create({"task": override}).task, where=f"data.{split}_slices[{i}]")
         slices.append(OmegaConf.to_object(merged))
     for cfg in slices:
         _validate_task(cfg)
     return slices
+
+
+def slice_sizes(run: RunConfig, split: str) -> list[int]:
+    """Examples per slice of the train or test set: a slice's `num_examples`, else data.num_train / num_test."""
+    default = run.data.num_train if split == "train" else run.data.num_test
+    overrides = run.data.train_slices if split == "train" else run.data.test_slices
+    sizes = []
+    for i, override in enumerate(overrides or [{}]):
+        size = override.get("num_examples", default) if isinstance(override, dict) else default
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise LabError(f"data.{split}_slices[{i}].num_examples={size!r}: must be an integer >= 1")
+        sizes.append(size)
+    return sizes
 
 
 def validate(run: RunConfig) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import tasks
-from lab.config import RunConfig, task_slices
+from lab.config import RunConfig, slice_sizes, task_slices
 from lab.errors import LabError
 from tasks.registry import IGNORE_INDEX as IGNORE
 
@@ -31,14 +31,15 @@ def data_seed(run_seed: int, slice_index: int, split: str) -> int:
     return 2 * (1000 * run_seed + slice_index) + (split == "test")
 
 
-def build_split(slices: list, num_per_slice: int, run_seed: int, split: str) -> tuple[TensorDataset, list[str]]:
+def build_split(slices: list, num_per_slice: int | list[int], run_seed: int,
+                split: str) -> tuple[TensorDataset, list[str]]:
     """Generate every slice with its own seed and stack them; returns the dataset and the slice names."""
+    sizes = num_per_slice if isinstance(num_per_slice, list) else [num_per_slice] * len(slices)
     parts = []
-    for index, task_cfg in enumerate(slices):
-        spec = tasks.get_task(task_cfg.name)
+    for index, (task_cfg, num_examples) in enumerate(zip(slices, sizes, strict=True)):
         try:
-            inputs, labels = spec.generate(task_cfg, num_per_slice, data_seed(run_seed, index, split))
-            tasks.check_examples(task_cfg, inputs, labels)
+            # generate_examples passes `split` to tasks whose train and test sets differ (MAD) and checks the output
+            inputs, labels = tasks.generate_examples(task_cfg, num_examples, data_seed(run_seed, index, split), split)
         except tasks.TaskError as err:
             raise LabError(str(err)) from None
         parts.append((inputs, labels, torch.full((len(inputs),), index, dtype=torch.long)))
@@ -56,6 +57,7 @@ class TaskDataModule(L.LightningDataModule):
         self.run = run
         self.train_slices = task_slices(run, "train")
         self.test_slices = task_slices(run, "test")
+        self.train_sizes, self.test_sizes = slice_sizes(run, "train"), slice_sizes(run, "test")
         vocab_sizes = {s.vocab_size for s in self.train_slices + self.test_slices}
         if len(vocab_sizes) > 1:
             raise LabError(f"data slices: all slices must share task.vocab_size (got {sorted(vocab_sizes)})")
@@ -71,9 +73,9 @@ class TaskDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        seed, data = self.run.seed, self.run.data
-        self.train_set, _ = build_split(self.train_slices, data.num_train, seed, "train")
-        self.test_set, self.test_slice_names = build_split(self.test_slices, data.num_test, seed, "test")
+        seed = self.run.seed
+        self.train_set, _ = build_split(self.train_slices, self.train_sizes, seed, "train")
+        self.test_set, self.test_slice_names = build_split(self.test_slices, self.test_sizes, seed, "test")
 
     def train_dataloader(self) -> DataLoader:
         shuffle_rng = torch.Generator().manual_seed(self.run.seed)

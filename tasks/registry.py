@@ -16,6 +16,10 @@ A task module declares
         ...
 
 and `check_examples` verifies what a generator returns before anything trains on it.
+
+A generator that also takes a `split` keyword ("train" or "test") may make the two sets differ beyond
+their seeds (MAD trains on every next token but tests only the recall positions); `generate_examples`
+passes it where the generator accepts it, and checks the output.
 """
 
 import dataclasses
@@ -40,6 +44,7 @@ class TaskSpec:
     config_cls: type  # dataclass holding the task's parameters
     generate: Callable[[Any, int, int], tuple[Tensor, Tensor]]  # (cfg, num_examples, seed) -> (inputs, labels)
     description: str  # first line of the generator's docstring
+    takes_split: bool = False  # the generator accepts split="train" | "test"
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -61,7 +66,9 @@ def register_task(name: str, config_cls: type) -> Callable:
                 f"and in {generate.__module__}"
             )
         doc = inspect.getdoc(generate) or ""
-        TASKS[name] = TaskSpec(name, config_cls, generate, description=doc.split("\n")[0])
+        takes_split = "split" in inspect.signature(generate).parameters
+        TASKS[name] = TaskSpec(name, config_cls, generate, description=doc.split("\n")[0],
+                               takes_split=takes_split)
         return generate
 
     return decorator
@@ -88,6 +95,24 @@ def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
         raise TaskError(f"unknown task '{name}'; available: {', '.join(sorted(TASKS))}")
     return TASKS[name]
+
+
+SPLITS = ("train", "test")
+
+
+def generate_examples(cfg, num_examples: int, seed: int, split: str = "train") -> tuple[Tensor, Tensor]:
+    """`num_examples` checked examples of the task `cfg.name` for the train or test set."""
+    if split not in SPLITS:
+        raise TaskError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
+    if num_examples < 1:
+        raise TaskError(f"num_examples={num_examples}: must be >= 1")
+    spec = get_task(cfg.name)
+    if spec.takes_split:
+        inputs, labels = spec.generate(cfg, num_examples, seed, split=split)
+    else:
+        inputs, labels = spec.generate(cfg, num_examples, seed)
+    check_examples(cfg, inputs, labels)
+    return inputs, labels
 
 
 def check_examples(cfg, inputs: Tensor, labels: Tensor) -> None:
