@@ -45,7 +45,8 @@ def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = sweep.cfg.metric
     rows = [cell_row(cell, metric, sweep) for cell in cells]
-    (out_dir / "report.md").write_text(markdown(study_name, sweep, rows, runs))
+    mad = mad_section(runs)
+    (out_dir / "report.md").write_text(markdown(study_name, sweep, rows, runs) + mad)
     with open(out_dir / "cells.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -151,6 +152,30 @@ def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict]) -> str:
                                                                   "ablation", "optimization_history",
                                                                   "param_importances")), ""]
     return "\n".join(lines)
+
+
+def mad_section(runs: list[dict]) -> str:
+    """MAD scores per model when the runs cover a MAD difficulty grid (tasks.mad.MAD_GRIDS): per setting the best
+    accuracy over everything else swept (lr, weight decay), per task the mean over settings, then the mean."""
+    from lab.config import flatten
+    from tasks.mad import MAD_GRIDS, mad_scores
+
+    by_model = defaultdict(list)
+    for run in runs:
+        if run["config"] and run.get("best_val_acc") is not None:
+            by_model[run["config"]["model"]["name"]].append((flatten(run["config"]), run["best_val_acc"]))
+    scores = {model: mad_scores(pairs) for model, pairs in by_model.items()}
+    scores = {model: s for model, s in scores.items() if s}
+    if not scores:
+        return ""
+    tasks = [t for t in MAD_GRIDS if any(t in s for s in scores.values())]
+    lines = ["", "## MAD scores (accuracy x 100; a task is scored once every one of its settings has a run)", "",
+             "| model | " + " | ".join(t.removeprefix("mad_") for t in tasks) + " | mean |",
+             "|---|" + "---|" * (len(tasks) + 1)]
+    for model, s in sorted(scores.items()):
+        cells = [f"{100 * s[t]:.1f}" if t in s else "-" for t in tasks]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {100 * s['mean']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def series_name(cell: dict) -> str:

@@ -247,3 +247,33 @@ def test_mad_scores():
     expected = sum(0.1 * i + 0.05 for i in range(len(settings))) / len(settings)
     assert scores == pytest.approx({"mad_memorization": expected, "mean": expected})
     assert mad_scores([]) == {}
+
+
+def test_shipped_mad_sweep_covers_every_grid_setting():
+    from pathlib import Path
+
+    from sweeps.spec import load_sweep
+    from tasks.mad import MAD_GRIDS, MAD_SEARCH
+
+    sweep = load_sweep(str(Path(__file__).resolve().parent.parent / "configs" / "sweeps" / "mad.yaml"))
+    assert list(sweep.cfg.variants.values()) == [s for settings in MAD_GRIDS.values() for s in settings]
+    assert sweep.cfg.lrs == MAD_SEARCH["trainer.lr"]
+    assert sweep.cfg.space["trainer.weight_decay"] == MAD_SEARCH["trainer.weight_decay"]
+
+
+def test_report_mad_section_scores_complete_tasks_only():
+    from lab.config import load_config, to_dict
+    from sweeps.report import mad_section
+    from tasks.mad import MAD_GRIDS
+
+    def run(setting, acc, model="attention"):
+        dotlist = [f"{k}={v}" for k, v in setting.items()] + [f"model.name={model}"]
+        return {"config": to_dict(load_config([], dotlist)), "best_val_acc": acc}
+
+    memorization = MAD_GRIDS["mad_memorization"]
+    runs = [run(s, 0.5) for s in memorization] + [run(s, 0.9) for s in memorization[:1]]  # best of two on one
+    runs += [run(s, 1.0) for s in MAD_GRIDS["mad_compression"][:1]]  # one setting only: not scored
+    text = mad_section(runs)
+    expected = 100 * (0.9 + 0.5 * (len(memorization) - 1)) / len(memorization)
+    assert f"| attention | {expected:.1f} | {expected:.1f} |" in text and "compression" not in text
+    assert mad_section([run(memorization[0], 0.5)]) == ""
