@@ -102,7 +102,8 @@ def _same_run(study: optuna.Study, number: int, run_key: str) -> optuna.trial.Fr
             continue
         if "duplicate_of" in other.user_attrs:
             continue
-        trained = other.state in SETTLED or other.state == TrialState.RUNNING
+        # of two running trials on one run the older one trains: both deferring would lose the run
+        trained = other.state in SETTLED or (other.state == TrialState.RUNNING and other.number < number)
         failed_for_good = other.state == TrialState.FAIL and "error" in other.user_attrs
         if trained or failed_for_good:
             return other
