@@ -49,6 +49,7 @@ class SolverStudyConfig:
     grad_seq_len: int = 128
     grad_d_model: int = 256  # 2 heads of 128: CG would end exactly within r steps on small heads
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    device: str = "cpu"  # where the solves and the gradient study run (e.g. cuda)
 
     def validate(self) -> None:
         for key in ("batch", "seq_len", "num_heads", "head_dim", "positions", "grad_batch", "grad_seq_len",
@@ -71,6 +72,8 @@ class SolverStudyConfig:
             raise LabError(f"grad_depths={self.grad_depths}: depths must be >= 1")
         if self.positions > self.seq_len:
             raise LabError(f"positions={self.positions}: must be <= seq_len={self.seq_len}")
+        if self.device != "cpu" and not (self.device.startswith("cuda") and torch.cuda.is_available()):
+            raise LabError(f"device={self.device!r}: allowed: cpu, or cuda[:N] on a machine with a GPU")
         if "/" in self.name or not self.name:
             raise LabError(f"name={self.name!r}: must be a plain directory name")
 
@@ -95,7 +98,7 @@ def ridge_problems(cfg: SolverStudyConfig):
         if t in wanted:
             saved.append(key_cov)
     queries = torch.randn(*shape, cfg.positions, cfg.head_dim, generator=gen, dtype=torch.float64)
-    return torch.stack(saved, dim=2), queries, positions
+    return torch.stack(saved, dim=2).to(cfg.device), queries.to(cfg.device), positions
 
 
 def ridge_settings(cfg: SolverStudyConfig) -> list[tuple[str, str, float]]:
@@ -106,7 +109,7 @@ def ridge_settings(cfg: SolverStudyConfig) -> list[tuple[str, str, float]]:
 def convergence(cfg: SolverStudyConfig, key_cov, queries, progress=None) -> list[dict]:
     """Median (and 90th percentile) relative residual and error per iteration, per setting, dtype and solver."""
     norm = (key_cov.square().sum((-1, -2)) + NORM_EPS_SQ).sqrt()[..., None]  # [B, H, P, 1]
-    eye = torch.eye(cfg.head_dim, dtype=torch.float64)
+    eye = torch.eye(cfg.head_dim, dtype=torch.float64, device=key_cov.device)
     rows = []
     for label, mode, value in ridge_settings(cfg):
         lam = value * norm if mode == "adaptive" else torch.full_like(norm, value)
@@ -156,7 +159,7 @@ def gradient_accuracy(cfg: SolverStudyConfig, progress=None) -> list[dict]:
 
     vocab = 64
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    tokens = torch.randint(0, vocab, (cfg.grad_batch, cfg.grad_seq_len), generator=gen)
+    tokens = torch.randint(0, vocab, (cfg.grad_batch, cfg.grad_seq_len), generator=gen).to(cfg.device)
     rows = []
     variants = [("chebyshev", True), ("chebyshev", False), ("cg", True), ("cg", False)]
     for depth in cfg.grad_depths:
@@ -165,9 +168,11 @@ def gradient_accuracy(cfg: SolverStudyConfig, progress=None) -> list[dict]:
                                   num_iter=cfg.grad_num_iter, backend="torch", implicit_backward=implicit,
                                   max_position_embeddings=cfg.grad_seq_len)
             torch.manual_seed(cfg.seed)  # the same weights for every variant
-            model = build_model(model_cfg, vocab).double()
+            # backend "torch" on any device: the float64 comparison needs a float64 path (Triton has none)
+            model = build_model(model_cfg, vocab).double().to(cfg.device)
             hidden = model.hidden_states(tokens)
             probe = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(7), dtype=hidden.dtype)
+            probe = probe.to(hidden.device)
             params = [p for p in model.parameters() if p.requires_grad]
             flat = torch.autograd.grad((hidden * probe).sum(), params, allow_unused=True)
             return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(flat, params)])

@@ -88,6 +88,7 @@ def test_lab_solvers_writes_its_files(tmp_path, capsys):
     ("dtypes=[float8]", "unknown dtype 'float8'"),
     ("positions=0", "positions=0: must be >= 1"),
     ("bogus=1", "bogus"),
+    ("device=tpu", "device='tpu': allowed: cpu, or cuda"),
 ])
 def test_lab_solvers_bad_input(capsys, override, message):
     assert main(["solvers", override]) == 2
