@@ -18,10 +18,11 @@ import tasks
 from lab.cli import console as make_console
 from lab.config import load_config
 from lab.data import IGNORE
-from lab.models import build_model
+from lab.models import MODELS, build_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-DEMO_MODELS = ("attention", "gka", "mamba2")
+# every registered mixer with a demo config (configs/demo/<name>.yaml), timed at the demo size
+DEMO_MODELS = tuple(name for name in MODELS if (CONFIGS / "demo" / f"{name}.yaml").exists())
 
 
 def run(what: str) -> list[dict]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tasks._common import generate_blocks
-from tasks.mqar import BLOCK, _sample_distinct, _sample_weighted_distinct
+from tasks.mqar import BLOCK, _sample_distinct, _sample_weighted_distinct, check_vocabulary
 from tasks.registry import IGNORE_INDEX, TaskError, register_task
 
 
@@ -45,16 +45,7 @@ class ForgettingMQARConfig:
                 f"task.seq_len={self.seq_len}: needs 2 * (num_kv_pairs + num_updates) + 2 * num_kv_pairs = "
                 f"{needed} tokens (num_kv_pairs={self.num_kv_pairs}, num_updates={self.num_updates})"
             )
-        num_keys = self.vocab_size // 2 - 1
-        if self.num_kv_pairs > num_keys:
-            raise TaskError(
-                f"task.num_kv_pairs={self.num_kv_pairs}: only {num_keys} distinct keys in "
-                f"[1, vocab_size // 2) (vocab_size={self.vocab_size})"
-            )
-        if self.vocab_size <= self.seq_len:  # Zoology asserts it
-            raise TaskError(
-                f"task.vocab_size={self.vocab_size}: needs vocab_size > seq_len (seq_len={self.seq_len})"
-            )
+        check_vocabulary(self)
 
 
 @register_task("forgetting_mqar", ForgettingMQARConfig)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tasks._common import generate_blocks
 from tasks.registry import IGNORE_INDEX, TaskError, register_task
 
 # Examples generated at once. The `taken` mask of the key sampler holds BLOCK * V/2 booleans,
@@ -52,40 +53,27 @@ class MQARConfig:
                 f"task.num_kv_pairs={self.num_kv_pairs}: needs 2 * num_kv_pairs * (num_passes + 1) "
                 f"<= seq_len (num_passes={self.num_passes}, seq_len={self.seq_len})"
             )
-        num_keys = self.vocab_size // 2 - 1
-        if self.num_kv_pairs > num_keys:
-            raise TaskError(
-                f"task.num_kv_pairs={self.num_kv_pairs}: only {num_keys} distinct keys in "
-                f"[1, vocab_size // 2) (vocab_size={self.vocab_size})"
-            )
-        # Not needed by the layout above, but Zoology asserts it; keeps our configs valid there.
-        if self.vocab_size <= self.seq_len:
-            raise TaskError(
-                f"task.vocab_size={self.vocab_size}: needs vocab_size > seq_len (seq_len={self.seq_len})"
-            )
+        check_vocabulary(self)
+
+
+def check_vocabulary(cfg) -> None:
+    """Keys come from [1, V/2) without replacement, and Zoology asserts V > L (not needed by the layout; it
+    keeps our configs valid there)."""
+    num_keys = cfg.vocab_size // 2 - 1
+    if cfg.num_kv_pairs > num_keys:
+        raise TaskError(
+            f"task.num_kv_pairs={cfg.num_kv_pairs}: only {num_keys} distinct keys in "
+            f"[1, vocab_size // 2) (vocab_size={cfg.vocab_size})"
+        )
+    if cfg.vocab_size <= cfg.seq_len:
+        raise TaskError(f"task.vocab_size={cfg.vocab_size}: needs vocab_size > seq_len (seq_len={cfg.seq_len})")
 
 
 @register_task("mqar", MQARConfig)
 def generate_mqar(cfg: MQARConfig, num_examples: int, seed: int) -> tuple[Tensor, Tensor]:
     """Multi-query associative recall (Zoology): recall the value bound to each queried key."""
     cfg.validate()
-    if num_examples < 1:
-        raise TaskError(f"num_examples={num_examples}: must be >= 1")
-    gen = torch.Generator().manual_seed(seed)
-    # Generation is a few hundred small ops. Each multi-threaded op hands work to a second core, and
-    # when another process (a training run, a sweep worker) holds that core the hand-off waits ~10 ms:
-    # 10x slower in total. One thread costs little when the machine is idle.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        inputs = torch.empty(num_examples, cfg.seq_len, dtype=torch.int64)
-        labels = torch.empty_like(inputs)
-        for start in range(0, num_examples, BLOCK):
-            stop = min(start + BLOCK, num_examples)
-            inputs[start:stop], labels[start:stop] = _generate_block(cfg, stop - start, gen)
-    finally:
-        torch.set_num_threads(num_threads)
-    return inputs, labels
+    return generate_blocks(cfg, num_examples, seed, BLOCK, lambda n, gen: _generate_block(cfg, n, gen))
 
 
 def _generate_block(cfg: MQARConfig, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,8 @@ def rel_err(a, b):
 
 
 def make_inputs(
-    seed, seq_len, *, heads=H, key_dim=DK, value_dim=DV, gates="mixed", alpha=True, initial_state=False
+    seed, seq_len, *, batch=B, heads=H, key_dim=DK, value_dim=DV, gates="mixed", alpha=True, initial_state=False,
+    reset_frac=0.15, no_decay_frac=0.2, past_tokens=8,
 ):
     """float64 leaves {q, k, v, g, alpha, H_0, U_0} (absent ones are None), keys L2-normalised as in
     the layer. 'mixed' gates put g = 0 (no decay), g ~ -U(0, 0.1) and g = -20 (a near reset) side
@@ -35,21 +36,21 @@ def make_inputs(
         return torch.rand(*shape, generator=gen, dtype=torch.float64)
 
     inputs = {
-        "q": randn(B, seq_len, heads, key_dim),
-        "k": torch.nn.functional.normalize(randn(B, seq_len, heads, key_dim), dim=-1),
-        "v": randn(B, seq_len, heads, value_dim),
+        "q": randn(batch, seq_len, heads, key_dim),
+        "k": torch.nn.functional.normalize(randn(batch, seq_len, heads, key_dim), dim=-1),
+        "v": randn(batch, seq_len, heads, value_dim),
         "g": None,
-        "alpha": rand(B, seq_len, heads) if alpha else None,
+        "alpha": rand(batch, seq_len, heads) if alpha else None,
         "H_0": None,
         "U_0": None,
     }
     if gates == "mixed":
-        u = rand(B, seq_len, heads)
-        inputs["g"] = torch.where(u < 0.15, -20.0, torch.where(u < 0.35, 0.0, -0.1 * u))
+        u = rand(batch, seq_len, heads)
+        inputs["g"] = torch.where(u < reset_frac, -20.0, torch.where(u < reset_frac + no_decay_frac, 0.0, -0.1 * u))
     if initial_state:
-        past_keys = torch.nn.functional.normalize(randn(B, heads, 8, key_dim), dim=-1)
+        past_keys = torch.nn.functional.normalize(randn(batch, heads, past_tokens, key_dim), dim=-1)
         inputs["H_0"] = past_keys.mT @ past_keys  # a covariance: symmetric PSD
-        inputs["U_0"] = randn(B, heads, value_dim, key_dim)
+        inputs["U_0"] = randn(batch, heads, value_dim, key_dim)
     return {name: None if x is None else x.requires_grad_() for name, x in inputs.items()}
 
 

@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 import torch
+from test_kernels_gka import make_inputs as gka_inputs
 
 from kernels import gka
 from kernels.gka import triton as gka_triton
@@ -25,35 +26,11 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def make_inputs(seed, seq_len, *, batch=1, heads=2, key_dim=20, value_dim=24, gates="mixed", alpha=True,
-                initial_state=False):
-    """float64 {q, k, v, g, alpha, H_0, U_0} (absent ones None); 'mixed' gates put g = 0, g ~ -U(0, 0.1)
-    and g = -20 (a near reset) side by side."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=gen, dtype=torch.float64)
-
-    inputs = {
-        "q": randn(batch, seq_len, heads, key_dim),
-        "k": torch.nn.functional.normalize(randn(batch, seq_len, heads, key_dim), dim=-1),
-        "v": randn(batch, seq_len, heads, value_dim),
-        "g": None,
-        "alpha": rand(batch, seq_len, heads) if alpha else None,
-        "H_0": None,
-        "U_0": None,
-    }
-    if gates == "mixed":
-        u = rand(batch, seq_len, heads)
-        inputs["g"] = torch.where(u < 0.1, -20.0, torch.where(u < 0.3, 0.0, -0.1 * u))
-    if initial_state:
-        past_keys = torch.nn.functional.normalize(randn(batch, heads, 6, key_dim), dim=-1)
-        inputs["H_0"] = past_keys.mT @ past_keys
-        inputs["U_0"] = randn(batch, heads, value_dim, key_dim)
-    return inputs
+def make_inputs(seed, seq_len, *, batch=1, heads=2, key_dim=20, value_dim=24, **options):
+    """The float64 inputs of the torch-path tests, at the interpreter's small default sizes."""
+    inputs = gka_inputs(seed, seq_len, batch=batch, heads=heads, key_dim=key_dim, value_dim=value_dim,
+                        reset_frac=0.1, no_decay_frac=0.2, past_tokens=6, **options)
+    return {name: None if x is None else x.detach() for name, x in inputs.items()}  # plain tensors to edit
 
 
 def outputs_and_grads(inputs, dtype, **kwargs):

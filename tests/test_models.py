@@ -1,8 +1,11 @@
 """Every mixer: causal, shapes right, state size by Zoology's convention, runs in float64."""
 
+import re
+
 import pytest
 import torch
 
+from lab.errors import LabError
 from lab.models import MODELS, build_model
 
 SMALL = {
@@ -13,6 +16,13 @@ SMALL = {
     "gka_exact_const": {"d_model": 16, "num_heads": 2, "solver": "exact", "ridge_mode": "constant", "ridge_ratio": 0.25,
                             "alpha_connection": False, "chunk_size": 8},
     "mamba2": {"d_model": 16, "d_state": 4, "head_dim": 8, "chunk_size": 8},
+    "gdn": {"d_model": 16, "num_heads": 2, "head_dim": 5, "expand_v": 2, "chunk_size": 8},
+    "deltanet": {"d_model": 16, "num_heads": 2, "chunk_size": 8},
+    "gla": {"d_model": 16, "num_heads": 2, "head_dim": 6, "chunk_size": 8},
+    "gla_noconv": {"d_model": 16, "num_heads": 2, "conv_size": 0, "chunk_size": 8},
+    "mesanet": {"d_model": 16, "num_heads": 2, "head_dim": 6, "chunk_size": 8, "num_iter": 5},
+    "mesanet_exact": {"d_model": 16, "num_heads": 2, "solver": "exact", "gating": False, "input_gate": False,
+                      "chunk_size": 8},
 }
 
 
@@ -66,6 +76,57 @@ def test_state_sizes_follow_zoology_convention():
     assert mamba.state_size(seq_len=64) == 2 * 4 * (4 * 8 * 4 + 3 * 40)
 
 
+def test_state_sizes_of_the_comparison_mixers():
+    # 2 layers, fp32 bytes; each: the recurrent matrices per head + a conv window of 3 steps over q, k, v
+    gdn = make_mixer("gdn", 0)  # 2 heads, Dk 5, Dv 10: S is 10 x 5; conv over 10 + 10 + 20 channels
+    assert gdn.state_size(seq_len=64) == 2 * 4 * (2 * 5 * 10 + 3 * 40)
+    deltanet = make_mixer("deltanet", 0)  # 2 heads of 8: S is 8 x 8; conv over 3 x 16 channels
+    assert deltanet.state_size(seq_len=64) == 2 * 4 * (2 * 8 * 8 + 3 * 48)
+    gla = make_mixer("gla", 0)  # 2 heads, Dk = Dv = 6; conv over 3 x 12 channels
+    assert gla.state_size(seq_len=64) == 2 * 4 * (2 * 6 * 6 + 3 * 36)
+    assert make_mixer("gla_noconv", 0).state_size(seq_len=64) == 2 * 4 * (2 * 8 * 8)
+    mesanet = make_mixer("mesanet", 0)  # as gka: H (6x6) and U (6x6) per head; the ridge is a parameter
+    assert mesanet.state_size(seq_len=64) == 2 * 4 * (2 * 2 * 36 + 3 * 36)
+    for model in (gdn, deltanet, gla, mesanet):
+        assert model.state_size(seq_len=4096) == model.state_size(seq_len=64)
+
+
+def test_mesanet_ridge_starts_at_init_and_stays_above_the_floor():
+    mixer = make_mixer("mesanet", 0).blocks[0].mixer
+    torch.testing.assert_close(mixer.ridge(), torch.ones(2, 6))  # ridge_init = 1
+    with torch.no_grad():
+        mixer.ridge_param.fill_(-50.0)
+    assert (mixer.ridge() >= 0.25).all()
+
+
 def test_param_count_matches_parameters():
     model = make_mixer("gka", 0)
     assert model.num_params() == sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("gdn", {"num_heads": 3}, "model.num_heads=3: must divide d_model=64"),
+        ("deltanet", {"expand_v": 0}, "model.expand_v=0: must be >= 1"),
+        ("gla", {"gate_normalizer": 0.0}, "model.gate_normalizer=0.0: must be > 0"),
+        ("gla", {"conv_size": -1}, "model.conv_size=-1: must be >= 0"),
+        ("mesanet", {"ridge_init": 0.2}, "model.ridge_init=0.2: must be > 0.25"),
+        ("mesanet", {"solver": "chebyshev"}, "model.solver='chebyshev': allowed values are cg, exact"),
+    ],
+)
+def test_comparison_configs_reject_bad_values(name, overrides, message):
+    cfg = MODELS[name][0](**overrides)
+    with pytest.raises(LabError, match=re.escape(message)):
+        cfg.validate()
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # RMSNorm's unfused bf16 path
+@pytest.mark.parametrize("key", ["gdn", "deltanet", "gla", "mesanet"])
+def test_comparison_mixers_run_under_bf16_autocast(key):
+    model = make_mixer(key, seed=0).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 11, (2, 19)))
+    logits.float().square().mean().backward()
+    assert torch.isfinite(logits.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

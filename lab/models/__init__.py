@@ -6,13 +6,20 @@ from lab.errors import LabError
 from lab.models.attention import AttentionConfig, AttentionMixer
 from lab.models.backbone import LanguageModel
 from lab.models.common import ModelConfig
+from lab.models.deltanet import DeltaNetConfig, DeltaNetMixer, GatedDeltaNetConfig
 from lab.models.gka import GKAConfig, GKAMixer
+from lab.models.gla import GLAConfig, GLAMixer
 from lab.models.mamba2 import Mamba2Config, Mamba2Mixer
+from lab.models.mesanet import MesaNetConfig, MesaNetMixer
 
 MODELS: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
     "attention": (AttentionConfig, AttentionMixer),
     "gka": (GKAConfig, GKAMixer),
     "mamba2": (Mamba2Config, Mamba2Mixer),
+    "gdn": (GatedDeltaNetConfig, DeltaNetMixer),
+    "deltanet": (DeltaNetConfig, DeltaNetMixer),
+    "gla": (GLAConfig, GLAMixer),
+    "mesanet": (MesaNetConfig, MesaNetMixer),
 }
 
 
