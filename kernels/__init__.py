@@ -1,6 +1,8 @@
 """Sequence-mixing ops: uniform [B, T, H, D] signatures, a naive reference beside each fast path."""
 
+from .delta import delta_rule
 from .gka import gka
 from .gla import gla
+from .mesa import mesa
 
-__all__ = ["gka", "gla"]
+__all__ = ["delta_rule", "gka", "gla", "mesa"]
