@@ -1,5 +1,6 @@
 """Pieces every mixer shares: the base model config, value checks, and the short causal convolution."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,3 +62,35 @@ class ShortConv(nn.Module):
 
     def state_numel(self) -> int:
         return (self.kernel_size - 1) * self.conv.in_channels
+
+
+def check_heads(cfg) -> None:
+    """num_heads >= 1 and head_dim either given (>= 1) or d_model // num_heads with no remainder."""
+    check_range(cfg, "num_heads", low=1)
+    if cfg.head_dim is None and cfg.d_model % cfg.num_heads:
+        raise LabError(f"model.num_heads={cfg.num_heads}: must divide d_model={cfg.d_model} (or set model.head_dim)")
+    if cfg.head_dim is not None:
+        check_range(cfg, "head_dim", low=1)
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+class MambaDecay(nn.Module):
+    """Per-head log-decay g_t = -exp(A_log) * softplus(decay_proj(x) + dt_bias) <= 0 (Mamba2's parametrisation).
+
+    A ~ U(1, 16) and dt log-uniform in [1e-3, 0.1] at init, so the heads start at many time scales
+    (the init of the mamba2 mixer; gka, gdn, deltanet and mesanet use this module).
+    """
+
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.decay_proj = nn.Linear(d_model, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty(num_heads).uniform_(math.log(1e-3), math.log(0.1)))
+        self.dt_bias = nn.Parameter(inverse_softplus(dt))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, d_model] -> g [B, T, H], in fp32 (exp of a bf16 decay would round visibly)."""
+        return -self.A_log.float().exp() * F.softplus(self.decay_proj(x).float() + self.dt_bias)

@@ -7,7 +7,6 @@ gamma_t = 1. The rest is shared: short conv + SiLU on q, k, v, L2-normalised q a
 rate b_t per head, and an RMSNorm(o) * SiLU(gate) output per head.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,36 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.delta import BACKENDS, delta_rule
-from lab.errors import LabError
-from lab.models.common import ModelConfig, ShortConv, check_choice, check_range
-
-
-def check_heads(cfg) -> None:
-    """num_heads >= 1 and head_dim either given (>= 1) or d_model // num_heads with no remainder."""
-    check_range(cfg, "num_heads", low=1)
-    if cfg.head_dim is None and cfg.d_model % cfg.num_heads:
-        raise LabError(f"model.num_heads={cfg.num_heads}: must divide d_model={cfg.d_model} (or set model.head_dim)")
-    if cfg.head_dim is not None:
-        check_range(cfg, "head_dim", low=1)
-
-
-class MambaDecay(nn.Module):
-    """Per-head log-decay g_t = -exp(A_log) * softplus(decay_proj(x) + dt_bias) <= 0 (Mamba2's parametrisation).
-
-    A ~ U(1, 16) and dt log-uniform in [1e-3, 0.1] at init, so the heads start at many time scales
-    (the same init as the gka and mamba2 mixers).
-    """
-
-    def __init__(self, d_model: int, num_heads: int):
-        super().__init__()
-        self.decay_proj = nn.Linear(d_model, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
-        dt = torch.exp(torch.empty(num_heads).uniform_(math.log(1e-3), math.log(0.1)))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, d_model] -> g [B, T, H], in fp32 (exp of a bf16 decay would round visibly)."""
-        return -self.A_log.float().exp() * F.softplus(self.decay_proj(x).float() + self.dt_bias)
+from lab.models.common import MambaDecay, ModelConfig, ShortConv, check_choice, check_heads, check_range
 
 
 @dataclass

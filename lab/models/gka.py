@@ -1,6 +1,5 @@
 """The Gated KalmaNet mixer (GKA.md, "The layer"): per token, read out U_t (H_t + lam_t I)^{-1} q_t."""
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -9,8 +8,7 @@ from torch import nn
 
 import kernels
 from kernels.gka import BACKENDS, RIDGE_MODES, SOLVERS
-from lab.errors import LabError
-from lab.models.common import ModelConfig, ShortConv, check_choice, check_range
+from lab.models.common import MambaDecay, ModelConfig, ShortConv, check_choice, check_heads, check_range
 
 
 @dataclass
@@ -31,7 +29,7 @@ class GKAConfig(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_range(self, "num_heads", low=1)
+        check_heads(self)
         check_range(self, "ridge_ratio", low=0, low_open=True)
         check_range(self, "num_iter", low=0)
         check_range(self, "chunk_size", low=1)
@@ -39,14 +37,6 @@ class GKAConfig(ModelConfig):
         check_choice(self, "solver", SOLVERS)
         check_choice(self, "ridge_mode", RIDGE_MODES)
         check_choice(self, "backend", BACKENDS)
-        if self.head_dim is None and self.d_model % self.num_heads:
-            raise LabError(f"model.num_heads={self.num_heads}: must divide d_model={self.d_model} (or set model.head_dim)")
-        if self.head_dim is not None:
-            check_range(self, "head_dim", low=1)
-
-
-def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
-    return x + torch.log(-torch.expm1(-x))
 
 
 class GKAMixer(nn.Module):
@@ -58,13 +48,7 @@ class GKAMixer(nn.Module):
         inner = self.num_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * inner, bias=False)
         self.qkv_conv = ShortConv(3 * inner, cfg.conv_size)
-        if cfg.gating:
-            # gamma_t = exp(-exp(A_log) * softplus(decay_proj(x) + dt_bias)), Mamba2's parametrisation:
-            # A ~ U(1, 16) and dt log-uniform in [1e-3, 0.1] at init, so memories start at many time scales.
-            self.decay_proj = nn.Linear(cfg.d_model, self.num_heads, bias=False)
-            self.A_log = nn.Parameter(torch.empty(self.num_heads).uniform_(1, 16).log())
-            dt = torch.exp(torch.empty(self.num_heads).uniform_(math.log(1e-3), math.log(0.1)))
-            self.dt_bias = nn.Parameter(inverse_softplus(dt))
+        self.decay = MambaDecay(cfg.d_model, self.num_heads) if cfg.gating else None  # gamma_t = exp(g_t)
         if cfg.alpha_connection:
             self.alpha_proj = nn.Linear(cfg.d_model, self.num_heads)
         self.out_gate_proj = nn.Linear(cfg.d_model, inner, bias=False)
@@ -79,9 +63,7 @@ class GKAMixer(nn.Module):
         q = F.normalize(q.view(heads), dim=-1)
         k = F.normalize(k.view(heads), dim=-1)
         v = v.view(heads)
-        log_decay = None
-        if self.cfg.gating:
-            log_decay = -self.A_log.float().exp() * F.softplus(self.decay_proj(x).float() + self.dt_bias)
+        log_decay = self.decay(x) if self.decay is not None else None
         alpha = torch.sigmoid(self.alpha_proj(x).float()) if self.cfg.alpha_connection else None
         out = kernels.gka(
             q, k, v, log_decay, alpha,

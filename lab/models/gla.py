@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.gla import BACKENDS, gla
-from lab.models.common import ModelConfig, ShortConv, check_choice, check_range
-from lab.models.deltanet import check_heads
+from lab.models.common import ModelConfig, ShortConv, check_choice, check_heads, check_range
 
 
 @dataclass

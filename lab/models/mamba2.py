@@ -9,8 +9,7 @@ from torch import nn
 
 import kernels
 from lab.errors import LabError
-from lab.models.common import ModelConfig, ShortConv, check_range
-from lab.models.gka import inverse_softplus
+from lab.models.common import ModelConfig, ShortConv, check_range, inverse_softplus
 
 
 @dataclass

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.mesa import BACKENDS, SOLVERS, mesa
-from lab.models.common import ModelConfig, ShortConv, check_choice, check_range
-from lab.models.deltanet import MambaDecay, check_heads
+from lab.models.common import MambaDecay, ModelConfig, ShortConv, check_choice, check_heads, check_range
 
 
 @dataclass
