@@ -13,6 +13,12 @@ def check_choice(op: str, name: str, value, allowed: tuple) -> None:
         raise ValueError(f"{op}: unknown {name} {value!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
+def check_chunk_size(op: str, chunk_size: int) -> None:
+    """Any chunk size >= 1 works: T needn't be a multiple of it (the tail chunk is padded)."""
+    if chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
+
+
 def check_shape(op: str, name: str, tensor: torch.Tensor, expected: tuple, layout: str) -> None:
     """`layout` names the axes (e.g. "[B, T, H, Dv]") so the message says where `expected` comes from."""
     if tuple(tensor.shape) != tuple(expected):

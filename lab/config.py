@@ -169,7 +169,8 @@ def _validate_task(task_cfg) -> None:
         raise LabError(str(err)) from None
 
 
-def load_yaml(path: str) -> DictConfig:
+def load_yaml(path: str, expected: str = "a mapping of config keys") -> DictConfig:
+    """A YAML file that must hold a mapping (`expected` says which, in the error line)."""
     if not Path(path).is_file():
         raise LabError(f"--config {path}: no such file")
     try:
@@ -177,7 +178,7 @@ def load_yaml(path: str) -> DictConfig:
     except (yaml.YAMLError, OmegaConfBaseException) as err:
         raise LabError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(loaded, DictConfig):
-        raise LabError(f"--config {path}: must hold a mapping of config keys")
+        raise LabError(f"--config {path}: must hold {expected}")
     return loaded
 
 

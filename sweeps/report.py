@@ -263,19 +263,19 @@ def optuna_plots(study: optuna.Study) -> dict:
 def log_tensorboard(log_dir: Path, figures: dict, rows: list[dict], metric: str, text: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
+    # one writer: each SummaryWriter opened on log_dir starts another event file there
     with SummaryWriter(str(log_dir)) as writer:
         for name, fig in figures.items():
             if fig is not None:
                 writer.add_figure(f"report/{name}", fig, close=False)
         writer.add_text("report/table", text)
-    for index, row in enumerate(rows):
-        if row[metric] == "":
-            continue
-        hparams = {k: (v if isinstance(v, (int, float, str)) else str(v))
-                   for k, v in row.items() if k not in (metric, "runs", "best_trial", "wall_seconds")}
-        with SummaryWriter(str(log_dir)) as writer:
-            writer.add_hparams(hparams, {f"hp/{metric}": row[metric],
-                                         "hp/wall_seconds": row["wall_seconds"]}, run_name=f"cell-{index:03d}")
+        for index, row in enumerate(rows):
+            if row[metric] == "":
+                continue
+            hparams = {k: (v if isinstance(v, (int, float, str)) else str(v))
+                       for k, v in row.items() if k not in (metric, "runs", "best_trial", "wall_seconds")}
+            writer.add_hparams(hparams, {f"hp/{metric}": row[metric], "hp/wall_seconds": row["wall_seconds"]},
+                               run_name=f"cell-{index:03d}")
 
 
 def rich_table(rows: list[dict], metric: str):

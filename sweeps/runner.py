@@ -103,14 +103,15 @@ def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], b
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     reported = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    dead = []  # workers whose crash was reported
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=out, transient=False) as progress:
         bar = progress.add_task(sweep.cfg.study, total=budget, completed=done_count(sweep, study.get_trials(deepcopy=False)))
         while True:
             alive = [p for p in procs if p.poll() is None]
             for proc in procs:
-                if proc.returncode not in (None, 0) and not getattr(proc, "noticed", False):
-                    proc.noticed = True
+                if proc.returncode not in (None, 0) and proc not in dead:
+                    dead.append(proc)
                     lost = recover_orphans(study, sweep.cfg.max_retry)
                     progress.console.print(f"[red]worker {procs.index(proc)} exited with {proc.returncode}[/] "
                                            f"(log: {sweep.study_dir / 'logs'}); re-queued trials: {lost or 'none'}")

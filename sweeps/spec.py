@@ -210,14 +210,7 @@ def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
     """Sweep YAML + `key=value` overrides (`sweep.*` keys go to the study, others to the base run)."""
-    if not Path(path).is_file():
-        raise LabError(f"--config {path}: no such file")
-    try:
-        raw = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as err:
-        raise LabError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, DictConfig):
-        raise LabError(f"--config {path}: must hold a mapping with `sweep:` and `run:` sections")
+    raw = load_yaml(path, expected="a mapping with `sweep:` and `run:` sections")
     unknown = set(raw.keys()) - {"sweep", "run"}
     if unknown:
         raise LabError(f"--config {path}: unknown top-level key(s) {', '.join(sorted(unknown))}; allowed: sweep, run")

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from tasks._common import generate_blocks
-from tasks.mqar import BLOCK, _sample_distinct, _sample_weighted_distinct, check_vocabulary
-from tasks.registry import IGNORE_INDEX, TaskError, register_task
+from tasks.mqar import BLOCK, _sample_distinct, check_vocabulary, place_queries
+from tasks.registry import TaskError, register_task
 
 
 @dataclass
@@ -56,7 +56,7 @@ def generate_forgetting_mqar(cfg: ForgettingMQARConfig, num_examples: int, seed:
 
 
 def _generate_block(cfg: ForgettingMQARConfig, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    N, U, V, L = cfg.num_kv_pairs, cfg.num_updates, cfg.vocab_size, cfg.seq_len
+    N, U, V = cfg.num_kv_pairs, cfg.num_updates, cfg.vocab_size
     keys = _sample_distinct(n, N, low=1, high=V // 2, gen=gen)
     values = _sample_distinct(n, N, low=V // 2, high=V, gen=gen)
     final_values = values.clone()
@@ -72,15 +72,4 @@ def _generate_block(cfg: ForgettingMQARConfig, n: int, gen: torch.Generator) -> 
         final_values.scatter_(1, updated, new)
         updates = torch.stack([keys.gather(1, updated), new], dim=2).reshape(n, 2 * U)
         context = torch.cat([context, updates], dim=1)
-    C = context.shape[1]
-
-    gap_log_weights = (cfg.power_a - 1) * torch.arange(1, (L - C) // 2 + 1, dtype=torch.float32).log()
-    query_pos = C + 2 * _sample_weighted_distinct(gap_log_weights, n, N, gen)
-    inputs = torch.cat([context, torch.zeros(n, L - C, dtype=torch.int64)], dim=1)
-    inputs.scatter_(1, query_pos, keys)
-    labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.int64)
-    labels.scatter_(1, query_pos, final_values)
-    if cfg.random_non_queries:
-        filler = torch.randint(V, (n, L), generator=gen)
-        inputs = torch.where(inputs == 0, filler, inputs)
-    return inputs, labels
+    return place_queries(cfg, context, keys, final_values, gen)

@@ -77,14 +77,22 @@ def generate_mqar(cfg: MQARConfig, num_examples: int, seed: int) -> tuple[Tensor
 
 
 def _generate_block(cfg: MQARConfig, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    N, V, L = cfg.num_kv_pairs, cfg.vocab_size, cfg.seq_len
+    N, V = cfg.num_kv_pairs, cfg.vocab_size
     # Zoology draws the values without replacement too, so no two keys share a value.
     keys = _sample_distinct(n, N, low=1, high=V // 2, gen=gen)
     values = _sample_distinct(n, N, low=V // 2, high=V, gen=gen)
 
     context = torch.stack([keys, values], dim=2).reshape(n, 2 * N).repeat(1, cfg.num_passes)
-    C = context.shape[1]
+    return place_queries(cfg, context, keys, values, gen)
 
+
+def place_queries(cfg, context: Tensor, keys: Tensor, answers: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """After the context [n, C], ask each key once in the query region; the label at a key is its answer.
+
+    Shared by the MQAR variants (their contexts differ, the query region does not).
+    """
+    n, C = context.shape
+    N, V, L = keys.shape[1], cfg.vocab_size, cfg.seq_len
     # Gap g puts a query at offset 2g of the query region. Zoology assigns the i-th key of the
     # context to the i-th gap drawn; topk returns the gaps in draw order, so this keeps its bias
     # (early keys tend to be asked early when power_a < 1). The constant factor power_a drops out.
@@ -97,7 +105,7 @@ def _generate_block(cfg: MQARConfig, n: int, gen: torch.Generator) -> tuple[Tens
     inputs = torch.cat([context, torch.zeros(n, L - C, dtype=torch.int64)], dim=1)
     inputs.scatter_(1, query_pos, keys)
     labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.int64)
-    labels.scatter_(1, query_pos, values)
+    labels.scatter_(1, query_pos, answers)
 
     if cfg.random_non_queries:
         # As in Zoology: any token, so filler may even repeat a key (an unlabelled decoy).

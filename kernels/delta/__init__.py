@@ -1,6 +1,6 @@
 """The (gated) delta rule: DeltaNet's and Gated DeltaNet's state update, chunk-wise and token by token."""
 
-from ..common import check_choice, check_qkvg, check_shape
+from ..common import check_choice, check_chunk_size, check_qkvg, check_shape
 from .chunk import chunk_delta_rule
 from .reference import reference_delta_rule
 
@@ -49,8 +49,7 @@ def delta_rule(
         check_shape(
             "delta_rule", "initial_state", initial_state, (batch, heads, value_dim, key_dim), "[B, H, Dv, Dk]"
         )
-    if chunk_size < 1:
-        raise ValueError(f"delta_rule: chunk_size must be >= 1, got {chunk_size}")
+    check_chunk_size("delta_rule", chunk_size)
     if scale is None:
         scale = key_dim**-0.5
 

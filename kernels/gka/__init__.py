@@ -2,7 +2,7 @@
 
 import warnings
 
-from ..common import check_choice, check_qkvg, check_shape
+from ..common import check_choice, check_chunk_size, check_qkvg, check_shape
 from .chunk import chunk_gka
 from .reference import reference_gka
 from .solvers import RIDGE_MODES, SOLVERS
@@ -71,8 +71,7 @@ def gka(
         raise ValueError(f"gka: num_iter must be >= 0, got {num_iter}")
     if ridge_ratio <= 0:
         raise ValueError(f"gka: ridge_ratio must be > 0, got {ridge_ratio}")
-    if chunk_size < 1:
-        raise ValueError(f"gka: chunk_size must be >= 1, got {chunk_size}")
+    check_chunk_size("gka", chunk_size)
     batch, _, heads, key_dim, value_dim = check_qkvg("gka", q, k, v, {"g": g, "alpha": alpha})
     if initial_state is not None:
         if len(initial_state) != 2:

@@ -1,6 +1,6 @@
 """Gated linear attention with one scalar log-decay per head and token (Mamba2's mixer, GKA's readout)."""
 
-from ..common import check_choice, check_qkvg, check_shape
+from ..common import check_choice, check_chunk_size, check_qkvg, check_shape
 from .chunk import chunk_gla
 from .reference import reference_gla
 
@@ -41,8 +41,7 @@ def gla(
         check_shape(
             "gla", "initial_state", initial_state, (batch, heads, value_dim, key_dim), "[B, H, Dv, Dk]"
         )
-    if chunk_size < 1:
-        raise ValueError(f"gla: chunk_size must be >= 1, got {chunk_size}")
+    check_chunk_size("gla", chunk_size)
     if scale is None:
         scale = key_dim**-0.5
 
