@@ -40,10 +40,17 @@ def open_storage(sweep: Sweep):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # several processes write one SQLite file: wait for the lock instead of failing at once
         engine_kwargs = {"connect_args": {"timeout": 60}}
+    engine_url = url
+    scheme, rest = url.split("://", 1)
+    if scheme in ("postgresql", "postgres"):
+        # psycopg 3, a dependency (SQLAlchemy before 2.1 would look for psycopg2)
+        engine_url = f"postgresql+psycopg://{rest}"
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # a host that does not answer: 10 s
     for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
+                engine_url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
                 grace_period=cfg.grace_period, heartbeat_stale_trial_callback=retry)
         except ImportError as err:
             raise LabError(f"sweep.storage={url!r}: the database driver is not installed ({err})") from None
