@@ -95,6 +95,8 @@ def cmd_train(args) -> int:
 
     run = load_config(args.config, args.overrides)
     summary = train(run)
+    if summary is None:  # a DDP rank > 0: rank 0 reports
+        return 0
     print_summaries([summary])
     print(f"run directory: {summary['run_dir']}  (TensorBoard: lab tb)")
     return 0

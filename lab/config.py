@@ -18,6 +18,7 @@ from lab.models import ModelConfig, model_config_class
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "64-true", "bf16-true")
 PROGRESS = ("auto", "rich", "plain", "none")
+STRATEGIES = ("auto", "ddp")
 
 
 @dataclass
@@ -44,7 +45,8 @@ class TrainerConfig:
     grad_clip: float = 1.0
     precision: str = "32-true"  # bf16-mixed on a GPU
     accelerator: str = "auto"
-    devices: int = 1
+    devices: int = 1  # > 1 with strategy=ddp: one process per device; batch_size is per device
+    strategy: str = "auto"  # auto | ddp (Lightning DDP: gloo on CPU, NCCL on GPUs)
     early_stop_acc: float = 0.99  # stop once val/acc reaches this
     val_every_n_epochs: int = 1
     val_every_n_steps: int = 0  # > 0: validate every this many steps instead of once per epoch
@@ -149,6 +151,10 @@ def validate(run: RunConfig) -> None:
         raise LabError(f"trainer.warmup_frac={trainer.warmup_frac}: must be in [0, 1)")
     if trainer.precision not in PRECISIONS:
         raise LabError(f"trainer.precision={trainer.precision!r}: allowed values are {', '.join(PRECISIONS)}")
+    if trainer.strategy not in STRATEGIES:
+        raise LabError(f"trainer.strategy={trainer.strategy!r}: allowed values are {', '.join(STRATEGIES)}")
+    if trainer.devices > 1 and trainer.strategy != "ddp":
+        raise LabError(f"trainer.devices={trainer.devices}: several devices train one run with trainer.strategy=ddp")
     if trainer.progress not in PROGRESS:
         raise LabError(f"trainer.progress={trainer.progress!r}: allowed values are {', '.join(PROGRESS)}")
     for key in ("num_train", "num_test"):

@@ -68,11 +68,12 @@ class LabModule(L.LightningModule):
         acc = (total[0] / total[1]).item()
         if self.best_val_acc is None or acc > self.best_val_acc:
             self.best_val_acc, self.best_epoch, self.best_step = acc, self.current_epoch, self.global_step
-        self.log("val/acc", acc, prog_bar=True)
-        self.log("val/loss", total[2] / total[3], prog_bar=True)
+        # the sums are already reduced over DDP ranks: sync_dist averages equal values (and keeps Lightning quiet)
+        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
+        self.log("val/loss", total[2] / total[3], prog_bar=True, sync_dist=True)
         if len(self.test_slice_names) > 1:
             for name, (acc, count, _, _) in zip(self.test_slice_names, sums):
-                self.log(f"val/acc_slice/{name}", acc / count)
+                self.log(f"val/acc_slice/{name}", acc / count, sync_dist=True)
 
     def configure_optimizers(self):
         trainer_cfg = self.run.trainer

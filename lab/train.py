@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -23,6 +24,15 @@ from lab.module import LabModule
 
 log = logging.getLogger("lab")
 
+# Lightning's DDP starts ranks 1.. by running the same command again; this tells them the run directory
+# rank 0 made (a fresh run name has the time in it, and the directory already exists by then).
+DDP_RUN_DIR_ENV = "LAB_DDP_RUN_DIR"
+
+
+def ddp_child() -> bool:
+    """True in a DDP rank > 0 that Lightning started for a run of this process's parent."""
+    return DDP_RUN_DIR_ENV in os.environ and os.environ.get("LOCAL_RANK", "0") != "0"
+
 
 class Throughput(Callback):
     """Training tokens per second, timed over training batches only (no validation, no start-up)."""
@@ -39,7 +49,7 @@ class Throughput(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         self.seconds += time.perf_counter() - self._start
-        self.tokens += batch[0].numel()
+        self.tokens += batch[0].numel() * trainer.world_size  # DDP: every rank trains its own batch
 
     @property
     def tokens_per_second(self) -> float:
@@ -50,7 +60,7 @@ class PlainProgress(Callback):
     """One log line per validation, for logs and CI where a live progress bar would be noise."""
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
         fields = [f"epoch {trainer.current_epoch}", f"step {trainer.global_step}"]
@@ -85,16 +95,19 @@ def validation_schedule(run: RunConfig) -> dict:
     return {"check_val_every_n_epoch": run.trainer.val_every_n_epochs}
 
 
-def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict:
+def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict | None:
     """Train one run and return its summary (also written to <run dir>/summary.json).
 
-    `callbacks` are added to the trainer's own (a sweep passes its pruning callback here).
+    `callbacks` are added to the trainer's own (a sweep passes its pruning callback here). Under DDP the
+    ranks > 0 train too, write nothing and return None.
     """
     quiet_lightning()
     datamodule = TaskDataModule(run)  # validates slices before anything is written
-    run_dir = run_directory(run)
+    child = ddp_child()
+    run_dir = Path(os.environ[DDP_RUN_DIR_ENV]) if child else run_directory(run)
     config = to_dict(run)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if not child:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     if run.trainer.num_threads:
         torch.set_num_threads(run.trainer.num_threads)
@@ -114,13 +127,27 @@ def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict:
     trainer = L.Trainer(
         default_root_dir=run_dir, logger=logger, callbacks=[checkpoint, early_stop, throughput, *progress, *callbacks],
         max_epochs=run.trainer.max_epochs, max_steps=run.trainer.max_steps, precision=run.trainer.precision,
-        accelerator=run.trainer.accelerator, devices=run.trainer.devices, gradient_clip_val=run.trainer.grad_clip,
+        accelerator=run.trainer.accelerator, devices=run.trainer.devices, strategy=run.trainer.strategy,
+        gradient_clip_val=run.trainer.grad_clip,
         log_every_n_steps=run.trainer.log_every_n_steps, **validation_schedule(run),
         enable_progress_bar=bar, enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    environ = dict(os.environ)
+    os.environ[DDP_RUN_DIR_ENV] = str(run_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        # DDP leaves LOCAL_RANK, WORLD_SIZE and MASTER_PORT behind: a next run in this process (a sweep
+        # worker's next trial) would take them as an outside launcher's and start no ranks
+        if not child:
+            os.environ.clear()
+            os.environ.update(environ)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     wall_seconds = time.perf_counter() - started
+    if not trainer.is_global_zero:
+        return None
 
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     best_acc = module.best_val_acc

@@ -6,6 +6,7 @@ on any number of hosts sharing the storage.
 
 import gc
 import json
+import os
 import sys
 import traceback
 
@@ -15,31 +16,42 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from lab.errors import LabError
-from lab.train import train
+from lab.train import ddp_child, train
 from sweeps.spec import Sweep, cell_key, load_sweep
 from sweeps.study import create_or_load, tag_worker
 
 # A trial that did not fail for its own reasons (its worker died) is re-run; these ended for good.
 SETTLED = (TrialState.COMPLETE, TrialState.PRUNED)
+# A DDP trial's ranks > 0 run this worker's command again (Lightning's launcher); this names their trial.
+DDP_TRIAL_ENV = "LAB_DDP_TRIAL"
 
 
 class StepPruning(PyTorchLightningPruningCallback):
     """Optuna's Lightning pruning callback, reporting at the training step instead of the epoch.
 
     The lab validates every n steps inside one epoch, where the stock callback's epoch index never moves.
-    A pruned run stops like an early-stopped one, so its summary.json is still written.
+    A pruned run stops like an early-stopped one, so its summary.json is still written. Under DDP, rank 0
+    (this worker's own process, holding the trial) reports and decides; the other ranks (trial None) follow.
     """
 
-    def __init__(self, trial: optuna.Trial, monitor: str):
+    def __init__(self, trial: optuna.Trial | None, monitor: str):
         super().__init__(trial, monitor)
         self.pruned_at: int | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        pass  # the stock check for DDP wants the trial in every rank; here only rank 0 touches it
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         step = trainer.global_step
-        self._trial.report(trainer.callback_metrics[self.monitor].item(), step=step)
-        if self._trial.should_prune():
+        prune = False
+        if trainer.is_global_zero:
+            self._trial.report(trainer.callback_metrics[self.monitor].item(), step=step)
+            prune = self._trial.should_prune()
+        if trainer.world_size > 1:
+            prune = trainer.strategy.broadcast(prune)
+        if prune:
             self.pruned_at = step
             trainer.should_stop = True
 
@@ -61,14 +73,10 @@ def objective(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, threads: i
             # a search sampler proposed a run again: tell it the known result instead of training twice
             return owner.value
 
-    placement = {"experiment": sweep.cfg.study, "run_name": f"trial-{trial.number}", "runs_dir": sweep.runs_dir,
-                 "overwrite": False, "trainer.progress": "plain"}
-    if not sweep.base_flat["trainer.num_threads"] and "trainer.num_threads" not in overrides:
-        placement["trainer.num_threads"] = threads  # workers share the cores instead of each taking all
-    run = sweep.run_config(overrides, **placement)
-    # the pruner compares what the study optimises: accuracy, or the loss for final_val_loss
-    pruning = StepPruning(trial, monitor="val/loss" if sweep.cfg.metric == "final_val_loss" else "val/acc")
+    run = trial_run(sweep, trial.number, overrides, threads)
+    pruning = StepPruning(trial, monitor=pruning_monitor(sweep))
     print(f"trial {trial.number}: {sweep.describe(overrides)}", flush=True)
+    os.environ[DDP_TRIAL_ENV] = str(trial.number)
     try:
         summary = train(run, callbacks=[pruning])
     except Exception as err:
@@ -78,6 +86,7 @@ def objective(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, threads: i
             traceback.print_exc()  # a bug, not a property of the cell: the worker log keeps the trace
         raise
     finally:
+        os.environ.pop(DDP_TRIAL_ENV, None)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -94,6 +103,26 @@ def objective(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, threads: i
         trial.set_user_attr("pruned_at", pruning.pruned_at)
         raise optuna.TrialPruned(f"pruned at step {pruning.pruned_at}")
     return metrics[sweep.cfg.metric]
+
+
+def trial_run(sweep: Sweep, number: int, overrides: dict, threads: int):
+    placement = {"experiment": sweep.cfg.study, "run_name": f"trial-{number}", "runs_dir": sweep.runs_dir,
+                 "overwrite": False, "trainer.progress": "plain"}
+    if not sweep.base_flat["trainer.num_threads"] and "trainer.num_threads" not in overrides:
+        placement["trainer.num_threads"] = threads  # workers share the cores instead of each taking all
+    return sweep.run_config(overrides, **placement)
+
+
+def pruning_monitor(sweep: Sweep) -> str:
+    # the pruner compares what the study optimises: accuracy, or the loss for final_val_loss
+    return "val/loss" if sweep.cfg.metric == "final_val_loss" else "val/acc"
+
+
+def ddp_rank(sweep: Sweep, study: optuna.Study, number: int, threads: int) -> None:
+    """A DDP rank > 0 of trial `number`: train the same run beside rank 0, which owns the trial."""
+    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    overrides = trial.user_attrs["overrides"]
+    train(trial_run(sweep, number, overrides, threads), callbacks=[StepPruning(None, pruning_monitor(sweep))])
 
 
 def _same_run(study: optuna.Study, number: int, run_key: str) -> optuna.trial.FrozenTrial | None:
@@ -131,6 +160,9 @@ def work(sweep_file: str, index: int, threads: int) -> None:
     sweep = load_sweep(sweep_file)
     study = create_or_load(sweep, create=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if DDP_TRIAL_ENV in os.environ and ddp_child():
+        ddp_rank(sweep, study, int(os.environ[DDP_TRIAL_ENV]), threads)
+        return
     print(f"worker {index} on study {sweep.cfg.study} ({sweep.storage_url})", flush=True)
     while not finished(sweep, study):
         # one trial per call: the stop test above sees other workers' trials and re-queued ones
