@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="run or resume an Optuna study (key=value: sweep.* or run keys)")
     sweep.add_argument("--config", required=True, metavar="YAML", help="sweep file (sections sweep: and run:)")
     sweep.add_argument("--workers", type=int, default=None, help="worker processes (default: sweep.workers)")
+    sweep.add_argument("--gpus", type=gpu_list, default=None, metavar="0,1,...",
+                       help="pin the workers to these GPUs (default: sweep.gpus)")
+    sweep.add_argument("--per-gpu", type=int, default=None, metavar="K",
+                       help="workers per GPU with --gpus (default: sweep.per_gpu, 1)")
     sweep.add_argument("overrides", nargs="*", metavar="key=value")
     sweep.set_defaults(handler=cmd_sweep)
 
@@ -102,10 +106,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def gpu_list(text: str) -> list[int]:
+    try:
+        gpus = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: GPU indices separated by commas, e.g. 0,1") from None
+    if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"{text!r}: distinct GPU indices >= 0, e.g. 0,1")
+    return gpus
+
+
 def cmd_sweep(args) -> int:
     from sweeps.runner import run_sweep
 
-    summary = run_sweep(args.config, args.overrides, workers=args.workers)
+    summary = run_sweep(args.config, args.overrides, workers=args.workers, gpus=args.gpus, per_gpu=args.per_gpu)
     return 0 if not summary["counts"]["left"] else 1
 
 

@@ -19,7 +19,8 @@ from sweeps.worker import done_count
 POLL_SECONDS = 1.0
 
 
-def run_sweep(config: str, overrides: list[str], workers: int | None = None) -> dict:
+def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpus: list[int] | None = None,
+              per_gpu: int | None = None) -> dict:
     from lab.cli import console
 
     sweep = load_sweep(config, overrides)
@@ -27,6 +28,13 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None) -> 
         if workers < 1:
             raise LabError(f"--workers {workers}: must be >= 1")
         sweep.cfg.workers = workers
+    if gpus is not None:
+        sweep.cfg.gpus = gpus
+    if per_gpu is not None:
+        if per_gpu < 1:
+            raise LabError(f"--per-gpu {per_gpu}: must be >= 1")
+        sweep.cfg.per_gpu = per_gpu
+    placement = gpu_placement(sweep, workers_given=workers is not None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_or_load(sweep, create=True)
     _refuse_foreign_trials(sweep, study)
@@ -36,10 +44,11 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None) -> 
     sweep_file = _write_sweep_file(sweep)
 
     budget = sweep.budget()
+    on_gpus = f" on GPUs {','.join(sorted(set(placement), key=placement.index))}" if placement else ""
     out.print(f"study {sweep.cfg.study}: {budget} runs ({sweep.cfg.sampler} sampler), {sweep.cfg.workers} "
-              f"worker(s), storage {sweep.storage_url}")
+              f"worker(s){on_gpus}, storage {sweep.storage_url}")
     started = time.perf_counter()
-    procs = _start_workers(sweep, sweep_file)
+    procs = _start_workers(sweep, sweep_file, placement)
     try:
         _monitor(sweep, study, procs, budget, out)
     except KeyboardInterrupt:
@@ -83,18 +92,49 @@ def _write_sweep_file(sweep: Sweep) -> Path:
     return path
 
 
-def _start_workers(sweep: Sweep, sweep_file: Path) -> list[subprocess.Popen]:
+def gpu_placement(sweep: Sweep, workers_given: bool) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value of each worker ([] = no pinning); sets sweep.cfg.workers to match.
+
+    Indices count the GPUs this process sees, so they map through an outer CUDA_VISIBLE_DEVICES.
+    """
+    cfg = sweep.cfg
+    if not cfg.gpus:
+        return []
+    import torch
+
+    visible = torch.cuda.device_count()
+    wrong = [g for g in cfg.gpus if g >= visible]
+    if wrong:
+        raise LabError(f"--gpus {','.join(map(str, cfg.gpus))}: no GPU {wrong[0]} here ({visible} visible: "
+                       f"indices 0..{visible - 1})" if visible else f"--gpus {','.join(map(str, cfg.gpus))}: "
+                       "this machine has no CUDA GPU (torch.cuda.device_count() is 0)")
+    if sweep.base_flat.get("trainer.devices", 1) > 1:
+        raise LabError("--gpus with trainer.devices > 1: each worker sees one GPU; run DDP trials without --gpus")
+    wanted = len(cfg.gpus) * cfg.per_gpu
+    if workers_given and cfg.workers != wanted:
+        raise LabError(f"--workers {cfg.workers} with --gpus {','.join(map(str, cfg.gpus))} --per-gpu "
+                       f"{cfg.per_gpu}: that is {wanted} workers; leave out --workers or make them agree")
+    cfg.workers = wanted
+    outer = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = outer.split(",") if outer else [str(i) for i in range(visible)]
+    # worker i on GPU i mod n: the first len(gpus) workers spread over all GPUs before any doubles up
+    return [names[cfg.gpus[i % len(cfg.gpus)]].strip() for i in range(wanted)]
+
+
+def _start_workers(sweep: Sweep, sweep_file: Path, placement: list[str]) -> list[subprocess.Popen]:
     logs = sweep.study_dir / "logs"
     logs.mkdir(exist_ok=True)
     threads = sweep.cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // sweep.cfg.workers)
     procs = []
     for index in range(sweep.cfg.workers):
         log = open(logs / f"worker-{index}.log", "a")  # noqa: SIM115 - the child writes it until it exits
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if placement:
+            env["CUDA_VISIBLE_DEVICES"] = placement[index]
         # own session: Ctrl-C reaches the launcher only, which stops the workers itself
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "sweeps.worker", str(sweep_file), str(index), str(threads)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env))
         log.close()
     return procs
 

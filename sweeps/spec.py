@@ -58,6 +58,8 @@ class SweepConfig:
     variants: dict[str, Any] = field(default_factory=dict)  # name -> {run key: value}
     space: dict[str, Any] = field(default_factory=dict)  # run key -> list | {values, when} | {type, low, high, ...}
     workers: int = 1  # worker processes on this host
+    gpus: list[int] = field(default_factory=list)  # GPUs the workers are pinned to (CUDA_VISIBLE_DEVICES); [] = none
+    per_gpu: int = 1  # workers per GPU when gpus is set (then workers = len(gpus) * per_gpu)
     threads_per_worker: int = 0  # torch CPU threads per worker; 0 = cores / workers
     heartbeat_interval: int = 10  # seconds; a trial whose worker died is failed after grace_period and re-run
     grace_period: int = 30
@@ -277,6 +279,10 @@ def _validate(cfg: SweepConfig) -> None:
         raise LabError(f"sweep.direction={cfg.direction!r}: allowed: {', '.join(DIRECTIONS)}")
     if cfg.workers < 1:
         raise LabError(f"sweep.workers={cfg.workers}: must be >= 1")
+    if cfg.per_gpu < 1:
+        raise LabError(f"sweep.per_gpu={cfg.per_gpu}: must be >= 1")
+    if len(set(cfg.gpus)) != len(cfg.gpus) or any(not isinstance(g, int) or g < 0 for g in cfg.gpus):
+        raise LabError(f"sweep.gpus={cfg.gpus}: distinct GPU indices >= 0, e.g. [0, 1]")
     if cfg.n_trials is not None and cfg.n_trials < 1:
         raise LabError(f"sweep.n_trials={cfg.n_trials}: must be >= 1 (or null: every grid cell)")
     if cfg.sampler != "grid" and cfg.n_trials is None:

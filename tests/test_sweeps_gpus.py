@@ -1,0 +1,63 @@
+"""`lab sweep --gpus 0,1 --per-gpu K`: which GPU each worker process sees, and the errors (no GPU needed)."""
+
+import subprocess
+
+import pytest
+import torch
+
+from lab.cli import main
+from sweeps import runner
+from sweeps.spec import load_sweep
+from tests.test_sweeps import write_sweep
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    return load_sweep(write_sweep(tmp_path, {"study": "gpus", "lrs": [1e-3, 1e-2]}), [f"runs_dir={tmp_path}"])
+
+
+def test_workers_spread_over_gpus_then_double_up(sweep, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    sweep.cfg.gpus, sweep.cfg.per_gpu = [1, 3], 2
+    assert runner.gpu_placement(sweep, workers_given=False) == ["1", "3", "1", "3"]
+    assert sweep.cfg.workers == 4
+
+
+def test_indices_map_through_an_outer_cuda_visible_devices(sweep, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    sweep.cfg.gpus = [1]
+    assert runner.gpu_placement(sweep, workers_given=False) == ["7"]
+
+
+def test_each_worker_process_gets_its_gpu(sweep, monkeypatch, tmp_path):
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append(kw["env"]["CUDA_VISIBLE_DEVICES"]))
+    sweep.cfg.workers = 3
+    sweep.study_dir.mkdir(parents=True)
+    runner._start_workers(sweep, tmp_path / "sweep.yaml", ["0", "1", "0"])
+    assert started == ["0", "1", "0"]
+
+
+@pytest.mark.parametrize(("count", "gpus", "workers", "message"), [
+    (0, [0], None, "this machine has no CUDA GPU"),
+    (2, [0, 2], None, "no GPU 2 here (2 visible"),
+    (2, [0, 1], 3, "that is 2 workers"),
+])
+def test_bad_gpu_requests(sweep, monkeypatch, count, gpus, workers, message):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    sweep.cfg.gpus = gpus
+    if workers:
+        sweep.cfg.workers = workers
+    with pytest.raises(Exception, match=message.replace("(", r"\(")):
+        runner.gpu_placement(sweep, workers_given=workers is not None)
+
+
+def test_cli_rejects_a_bad_gpu_list(tmp_path, capsys):
+    config = write_sweep(tmp_path, {"study": "gpus", "lrs": [1e-3]})
+    with pytest.raises(SystemExit):
+        main(["sweep", "--config", config, "--gpus", "0,x"])
+    assert "GPU indices separated by commas" in capsys.readouterr().err
+    assert main(["sweep", "--config", config, f"runs_dir={tmp_path}", "--gpus", "0"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
