@@ -50,17 +50,7 @@ class LabModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         inputs, labels, slice_ids = batch
         logits, targets, mask = self.supervised_logits(inputs, labels)
-        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-        token_correct = (logits.argmax(-1) == targets).double()
-        # Zoology: accuracy is the mean over an example's supervised positions, then the mean over examples
-        row = mask.nonzero()[:, 0]
-        per_example_correct = torch.zeros(len(inputs), dtype=torch.float64, device=self.device).index_add_(
-            0, row, token_correct)
-        per_example_count = mask.sum(1).double()
-        per_example_loss = torch.zeros_like(per_example_correct).index_add_(0, row, token_loss.double())
-        stats = torch.stack([per_example_correct / per_example_count, torch.ones_like(per_example_count),
-                             per_example_loss, per_example_count], dim=1)
-        self._val_sums.index_add_(0, slice_ids, stats)
+        self._val_sums.index_add_(0, slice_ids, example_stats(logits, targets, mask))
 
     def on_validation_epoch_end(self):
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
@@ -84,15 +74,37 @@ class LabModule(L.LightningModule):
             [{"params": decay, "weight_decay": trainer_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
         )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup_steps = int(trainer_cfg.warmup_frac * total_steps)
-
-        def lr_factor(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-            cosine = 0.5 * (1 + math.cos(math.pi * progress))
-            return trainer_cfg.min_lr_ratio + (1 - trainer_cfg.min_lr_ratio) * cosine
-
+        lr_factor = lr_schedule(trainer_cfg, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_schedule(trainer_cfg, total_steps: int):
+    """step -> lr multiplier: linear warmup over warmup_frac of the steps, then cosine to min_lr_ratio."""
+    total_steps = max(1, total_steps)
+    warmup_steps = int(trainer_cfg.warmup_frac * total_steps)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return trainer_cfg.min_lr_ratio + (1 - trainer_cfg.min_lr_ratio) * cosine
+
+    return lr_factor
+
+
+def example_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per example [accuracy, 1, summed loss, supervised tokens] (float64) from the supervised logits.
+
+    Zoology: accuracy is the mean over an example's supervised positions, then the mean over examples.
+    """
+    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+    token_correct = (logits.argmax(-1) == targets).double()
+    row = mask.nonzero()[:, 0]
+    per_example_correct = torch.zeros(len(mask), dtype=torch.float64, device=logits.device).index_add_(
+        0, row, token_correct)
+    per_example_count = mask.sum(1).double()
+    per_example_loss = torch.zeros_like(per_example_correct).index_add_(0, row, token_loss.double())
+    return torch.stack([per_example_correct / per_example_count, torch.ones_like(per_example_count),
+                        per_example_loss, per_example_count], dim=1)

@@ -55,6 +55,7 @@ class SweepConfig:
     direction: str = "maximize"
     n_trials: int | None = None  # trial budget; grid: None = every cell at every lr
     lrs: list[float] = field(default_factory=lambda: [1e-4, 4.6e-4, 2.2e-3, 1e-2])  # [] = lr not swept
+    stack_lrs: bool = False  # train a cell's lrs as one stacked model in one process (lab/stacked.py); grid only
     variants: dict[str, Any] = field(default_factory=dict)  # name -> {run key: value}
     space: dict[str, Any] = field(default_factory=dict)  # run key -> list | {values, when} | {type, low, high, ...}
     workers: int = 1  # worker processes on this host
@@ -291,6 +292,8 @@ def _validate(cfg: SweepConfig) -> None:
         raise LabError("sweep.space: empty search space (give sweep.space, sweep.variants or sweep.lrs)")
     if cfg.lrs and LR_KEY in cfg.space:
         raise LabError(f"sweep.space.{LR_KEY}: also set by sweep.lrs; use one of them (sweep.lrs=[] to search lr)")
+    if cfg.stack_lrs and (cfg.sampler != "grid" or len(cfg.lrs) < 2):
+        raise LabError("sweep.stack_lrs=true: stacks a grid cell's learning rates; needs sampler grid and 2+ sweep.lrs")
     if any(lr <= 0 for lr in cfg.lrs):
         raise LabError(f"sweep.lrs={cfg.lrs}: learning rates must be > 0")
     for name, overrides in cfg.variants.items():

@@ -57,13 +57,7 @@ class StepPruning(PyTorchLightningPruningCallback):
 
 
 def objective(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, threads: int) -> float:
-    tag_worker(trial)
-    overrides = sweep.sample(trial)
-    run_key = cell_key(overrides, with_lr=True)
-    trial.set_user_attr("overrides", overrides)
-    trial.set_user_attr("run_key", run_key)
-    trial.set_user_attr("cell", cell_key(overrides))
-    owner = _same_run(study, trial.number, run_key)
+    overrides, owner = describe_trial(trial, sweep)
     if owner is not None:
         trial.set_user_attr("duplicate_of", owner.number)
         if sweep.cfg.sampler == "grid":
@@ -91,6 +85,15 @@ def objective(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, threads: i
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    value = record_summary(trial, summary, sweep.cfg.metric)
+    if pruning.pruned_at is not None:
+        trial.set_user_attr("pruned_at", pruning.pruned_at)
+        raise optuna.TrialPruned(f"pruned at step {pruning.pruned_at}")
+    return value
+
+
+def record_summary(trial: optuna.Trial, summary: dict, metric: str) -> float:
+    """The run's results as the trial's user attributes; returns the value the study optimises."""
     final = summary["final"]
     metrics = {"best_val_acc": summary["best_val_acc"] or 0.0, "final_val_acc": final.get("val/acc", 0.0),
                "final_val_loss": final.get("val/loss", float("nan"))}
@@ -99,10 +102,18 @@ def objective(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, threads: i
         trial.set_user_attr(key, summary[key])
     for key, value in metrics.items():
         trial.set_user_attr(key, value)
-    if pruning.pruned_at is not None:
-        trial.set_user_attr("pruned_at", pruning.pruned_at)
-        raise optuna.TrialPruned(f"pruned at step {pruning.pruned_at}")
-    return metrics[sweep.cfg.metric]
+    return metrics[metric]
+
+
+def describe_trial(trial: optuna.Trial, sweep: Sweep) -> tuple[dict, str | None]:
+    """Sample the trial's run, record it; returns its overrides and the trial that already owns that run."""
+    tag_worker(trial)
+    overrides = sweep.sample(trial)
+    run_key = cell_key(overrides, with_lr=True)
+    trial.set_user_attr("overrides", overrides)
+    trial.set_user_attr("run_key", run_key)
+    trial.set_user_attr("cell", cell_key(overrides))
+    return overrides, _same_run(trial.study, trial.number, run_key)
 
 
 def trial_run(sweep: Sweep, number: int, overrides: dict, threads: int):
@@ -165,6 +176,11 @@ def work(sweep_file: str, index: int, threads: int) -> None:
         return
     print(f"worker {index} on study {sweep.cfg.study} ({sweep.storage_url})", flush=True)
     while not finished(sweep, study):
+        if sweep.cfg.stack_lrs:
+            from sweeps.stacking import train_cell_stack
+
+            train_cell_stack(sweep, study, threads)
+            continue
         # one trial per call: the stop test above sees other workers' trials and re-queued ones
         study.optimize(lambda trial: objective(sweep, study, trial, threads), n_trials=1, catch=(Exception,))
     print(json.dumps({"worker": index, "done": True}), flush=True)

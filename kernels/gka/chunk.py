@@ -83,14 +83,15 @@ def chunk_gka(
         return key_cov + ridge[..., None] * identity
 
     if implicit_backward and solver != "exact":
-        bounds = (ridge.detach(), upper.detach())
         if solver == "chebyshev":
-            def solve(apply, rhs):
-                return chebyshev(apply, rhs, *bounds, num_iter)
+            def solve(apply, rhs, lower, upper):
+                return chebyshev(apply, rhs, lower, upper, num_iter)
+            bounds = (ridge.detach(), upper.detach())
         else:
             def solve(apply, rhs):
                 return conjugate_gradient(apply, rhs, num_iter)
-        x = implicit_solve(solve, apply_A, queries, (start_decay, key_cov_start, keys, mask, ridge))
+            bounds = ()
+        x = implicit_solve(solve, apply_A, queries, (start_decay, key_cov_start, keys, mask, ridge), bounds)
     else:
         x = ridge_solve(solver, apply_A, queries, ridge, upper, num_iter, dense_A)
     if alpha is not None:

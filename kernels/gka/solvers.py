@@ -108,34 +108,57 @@ def ridge_solve(solver, apply_A, rhs, ridge, upper, num_iter, dense_A):
     return torch.linalg.solve(dense_A(), rhs)
 
 
-def implicit_solve(solve, apply_A, rhs, params):
+def implicit_solve(solve, apply_A, rhs, params, solver_args=()):
     """x = solve(A, rhs) with the gradient of the exact solve A^{-1} rhs (implicit differentiation).
 
-    `apply_A(x, *params)` applies A(params), which must be symmetric; `solve(apply, rhs)` is the
-    iterative solver. Forward: the solve without an autograd graph. Backward (GKA.md): a second solve
+    `apply_A(x, *params)` applies A(params), which must be symmetric; `solve(apply, rhs, *solver_args)` is
+    the iterative solver (its tensors, e.g. spectral bounds, are passed in `solver_args`, not captured, so
+    that vmap sees them). Forward: the solve without an autograd graph. Backward (GKA.md): a second solve
     d_rhs = A^{-1} dx, then d_params = -d/dparams <d_rhs, A(params) x> by autograd through one matvec.
     No iterates are kept, and the solver's bounds (which depend on params) are not differentiated.
+    Every tensor argument must lead with the same batch dimension (vmap folds its dimension into it).
     """
-    return _ImplicitSolve.apply(solve, apply_A, rhs, *params)
+    return _ImplicitSolve.apply(solve, apply_A, len(solver_args), rhs, *solver_args, *params)
 
 
 class _ImplicitSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, solve, apply_A, rhs, *params):
-        x = solve(lambda y: apply_A(y, *params), rhs)
-        ctx.solve, ctx.apply_A = solve, apply_A
-        ctx.save_for_backward(x, *params)
-        return x
+    def forward(solve, apply_A, num_solver_args, rhs, *tensors):
+        solver_args, params = tensors[:num_solver_args], tensors[num_solver_args:]
+        return solve(lambda y: apply_A(y, *params), rhs, *solver_args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        solve, apply_A, num_solver_args, _, *tensors = inputs
+        ctx.solve, ctx.apply_A, ctx.num_solver_args = solve, apply_A, num_solver_args
+        ctx.save_for_backward(output, *tensors)
 
     @staticmethod
     def backward(ctx, dx):
-        x, *params = ctx.saved_tensors
-        rhs_grad = ctx.solve(lambda y: ctx.apply_A(y, *params), dx)  # A = A^T
-        wants = ctx.needs_input_grad[3:]
+        x, *tensors = ctx.saved_tensors
+        solver_args, params = tensors[:ctx.num_solver_args], tensors[ctx.num_solver_args:]
+        rhs_grad = ctx.solve(lambda y: ctx.apply_A(y, *params), dx, *solver_args)  # A = A^T
+        wants = ctx.needs_input_grad[4 + ctx.num_solver_args:]
         with torch.enable_grad():
             live = [p.detach().requires_grad_(w) for p, w in zip(params, wants, strict=True)]
             product = ctx.apply_A(x, *live)
             wanted = [p for p in live if p.requires_grad]
             grads = iter(torch.autograd.grad(product, wanted, grad_outputs=-rhs_grad) if wanted else ())
         param_grads = [next(grads) if w else None for w in wants]
-        return None, None, rhs_grad if ctx.needs_input_grad[2] else None, *param_grads
+        return (None, None, None, rhs_grad if ctx.needs_input_grad[3] else None,
+                *[None] * ctx.num_solver_args, *param_grads)
+
+    @staticmethod
+    def vmap(info, in_dims, solve, apply_A, num_solver_args, rhs, *tensors):
+        # Batch entries never mix, so vmap's dimension (stacked models, lab/stacked.py) folds into the
+        # leading batch dimension: one solve over [members * B, ...] instead of a loop over members.
+        members = info.batch_size
+
+        def fold(tensor, dim):
+            if dim is None:
+                return tensor.expand(members, *tensor.shape).flatten(0, 1)
+            return tensor.movedim(dim, 0).flatten(0, 1)
+
+        folded = [fold(t, d) for t, d in zip((rhs, *tensors), in_dims[3:], strict=True)]
+        x = _ImplicitSolve.apply(solve, apply_A, num_solver_args, *folded)
+        return x.unflatten(0, (members, -1)), 0

@@ -1,0 +1,139 @@
+"""`sweep.stack_lrs`: a worker takes one grid cell and trains all its learning rates as one stacked model.
+
+The first trial comes from the sampler as usual; the cell's other lrs become trials of their own, created
+RUNNING by this worker (so no other worker takes them), each reported, pruned and recorded like a trial
+trained alone. The stacked training itself is `lab.stacked.train_stacked`.
+"""
+
+import threading
+import traceback
+
+import optuna
+import torch
+from optuna.distributions import CategoricalDistribution
+from optuna.storages import BaseStorage, fail_stale_trials
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from lab.errors import LabError
+from lab.stacked import train_stacked
+from sweeps.spec import LR_KEY, Sweep
+from sweeps.worker import describe_trial, pruning_monitor, record_summary, trial_run
+
+
+def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
+    fail_stale_trials(study)  # what study.optimize does before each trial: re-queue dead hosts' trials
+    first = study.ask()
+    members = []  # (trial, overrides)
+    overrides, owner = describe_trial(first, sweep)
+    if owner is not None:  # the grid named a run already taken (see worker.objective)
+        first.set_user_attr("duplicate_of", owner.number)
+        _tell(study, first, state=TrialState.PRUNED)
+        return
+    members.append((first, overrides))
+    for lr in sweep.cfg.lrs:
+        if lr == overrides[LR_KEY]:
+            continue
+        sibling = _new_running_trial(study, first, {**first.params, LR_KEY: lr})
+        sibling_overrides, owner = describe_trial(sibling, sweep)
+        if owner is not None:  # trained or being trained elsewhere (the older trial of a run trains)
+            sibling.set_user_attr("duplicate_of", owner.number)
+            _tell(study, sibling, state=TrialState.PRUNED)
+            continue
+        members.append((sibling, sibling_overrides))
+
+    runs = [trial_run(sweep, trial.number, member_overrides, threads) for trial, member_overrides in members]
+    monitor = pruning_monitor(sweep)
+    hooks = [_prune_hook(trial, monitor) for trial, _ in members]
+    lrs = ", ".join(f"{o[LR_KEY]:g}" for _, o in members)
+    print(f"trials {', '.join(str(t.number) for t, _ in members)}: {sweep.describe(overrides)} "
+          f"at lr {lrs}, stacked", flush=True)
+    beat = _Heartbeat(study._storage, [trial._trial_id for trial, _ in members], sweep.cfg.heartbeat_interval)
+    try:
+        summaries = train_stacked(runs, hooks)
+    except Exception as err:  # noqa: BLE001 - out of memory, a bug: every member fails, the study goes on
+        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if not isinstance(err, (LabError, torch.OutOfMemoryError)):
+            traceback.print_exc()
+        for trial, _ in members:
+            trial.set_user_attr("error", message)
+            _tell(study, trial, state=TrialState.FAIL)
+        return
+    finally:
+        beat.stop()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for (trial, _), summary in zip(members, summaries, strict=True):
+        trial.set_user_attr("stacked_with", [t.number for t, _ in members])
+        if "error" in summary:
+            trial.set_user_attr("error", summary["error"])
+            _tell(study, trial, state=TrialState.FAIL)
+            continue
+        value = record_summary(trial, summary, sweep.cfg.metric)
+        if summary["pruned_at"] is not None:
+            trial.set_user_attr("pruned_at", summary["pruned_at"])
+            _tell(study, trial, state=TrialState.PRUNED)
+        else:
+            _tell(study, trial, value)
+
+
+def _tell(study: optuna.Study, trial: Trial, value: float | None = None, state: TrialState | None = None) -> None:
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as err:
+        # GridSampler.after_trial calls study.stop() at the grid's last point, which only works inside
+        # study.optimize; the trial's state is stored before that (optuna's _tell), and finished() stops us
+        if "Study.stop" not in str(err):
+            raise
+
+
+def _new_running_trial(study: optuna.Study, first: Trial, params: dict) -> Trial:
+    """A RUNNING trial of this worker with these params; a grid sampler counts its grid point as taken."""
+    system_attrs = {}
+    sampler = study.sampler
+    first_attrs = study._storage.get_trial_system_attrs(first._trial_id)
+    if isinstance(sampler, optuna.samplers.GridSampler) and "grid_id" in first_attrs:
+        # GridSampler marks a trial's point by its index in its grid (system attribute `grid_id`); without
+        # it, the sampler would hand this point out again, to be skipped as a duplicate. The first trial's
+        # point also holds the axes its cell leaves inactive, which `params` lacks.
+        point = list(sampler._all_grids[first_attrs["grid_id"]])
+        point[sampler._param_names.index(LR_KEY)] = params[LR_KEY]
+        system_attrs = {"search_space": first_attrs["search_space"],
+                        "grid_id": sampler._all_grids.index(tuple(point))}
+    distributions = {name: first.distributions.get(name) or CategoricalDistribution([value])
+                     for name, value in params.items()}
+    template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=None,
+                           datetime_complete=None, params=params, distributions=distributions, user_attrs={},
+                           system_attrs=system_attrs, intermediate_values={}, trial_id=-1)
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    return Trial(study, trial_id)
+
+
+def _prune_hook(trial: Trial, monitor: str):
+    def prune(step: int, metrics: dict) -> bool:
+        trial.report(metrics[monitor], step=step)
+        return trial.should_prune()
+
+    return prune
+
+
+class _Heartbeat:
+    """Heartbeats for every member trial while the stack trains (study.optimize does this for one trial)."""
+
+    def __init__(self, storage: BaseStorage, trial_ids: list[int], interval: int):
+        self._stop = threading.Event()
+        self._thread = None
+        if getattr(storage, "is_heartbeat_enabled", lambda: False)():
+            self._thread = threading.Thread(target=self._beat, args=(storage, trial_ids, interval), daemon=True)
+            self._thread.start()
+
+    def _beat(self, storage, trial_ids, interval) -> None:
+        while True:
+            for trial_id in trial_ids:
+                storage.record_heartbeat(trial_id)
+            if self._stop.wait(interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

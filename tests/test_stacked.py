@@ -1,0 +1,97 @@
+"""Stacked training (lab/stacked.py): members of one stack must train exactly as they would alone."""
+
+import json
+
+import pytest
+import torch
+from optuna.trial import TrialState
+from torch.func import functional_call, stack_module_state, vmap
+
+from lab.config import load_config
+from lab.errors import LabError
+from lab.models import MODELS, build_model
+from lab.stacked import train_stacked
+from lab.train import train
+from sweeps.runner import run_sweep
+from tests.test_sweeps import TINY_RUN, by_state, trials_of, write_sweep
+
+TINY = ["task.vocab_size=64", "task.seq_len=32", "task.num_kv_pairs=2", "data.num_train=512", "data.num_test=64",
+        "model.d_model=16", "model.num_layers=1", "trainer.batch_size=32", "trainer.max_steps=12",
+        "trainer.val_every_n_steps=4", "trainer.log_every_n_steps=2", "trainer.progress=none", "trainer.num_threads=1"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_vmapped_gradients_equal_each_models_own(name, single_thread):
+    """float64: vmap over stacked parameters gives each member the gradient it gets alone."""
+    torch.manual_seed(0)
+    run = load_config([], [f"model.name={name}", "model.d_model=16", "model.num_layers=1", "task.seq_len=32"])
+    models = [build_model(run.model, 64).double() for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    tokens = torch.randint(0, 64, (2, 37))
+    out = vmap(lambda p, b: functional_call(models[0], (p, b), (tokens,)))(params, buffers)
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    (out.pow(2).mean((1, 2, 3)) * weights).sum().backward()
+    for i, model in enumerate(models):
+        (model(tokens).pow(2).mean() * weights[i]).backward()
+        for key, param in model.named_parameters():
+            error = (params[key].grad[i] - param.grad).abs().max() / param.grad.abs().max().clamp_min(1e-30)
+            assert error < 1e-7, f"{key}: {error:.1e}"  # float64; an fp32 slip or a mixed-up member is >1e-4
+
+
+def test_stack_trains_each_member_as_lab_train_does(tmp_path, single_thread):
+    lrs = [3e-3, 1e-2]
+    alone = [train(load_config([], TINY + [f"trainer.lr={lr}", f"runs_dir={tmp_path}", f"run_name=alone{i}"]))
+             for i, lr in enumerate(lrs)]
+    stacked = train_stacked([load_config([], TINY + [f"trainer.lr={lr}", f"runs_dir={tmp_path}", f"run_name=st{i}"])
+                             for i, lr in enumerate(lrs)])
+    for one, member in zip(alone, stacked, strict=True):
+        assert member["steps"] == one["steps"] == 12 and member["best_step"] == one["best_step"]
+        assert member["final"]["val/acc"] == one["final"]["val/acc"]
+        assert member["final"]["val/loss"] == pytest.approx(one["final"]["val/loss"], rel=1e-5)
+        run_dir = tmp_path / "default" / member["run_dir"].rsplit("/", 1)[-1]
+        assert json.loads((run_dir / "summary.json").read_text())["config"]["trainer"]["lr"] in lrs
+        assert (run_dir / "checkpoints" / "best.ckpt").is_file() and list(run_dir.glob("events.out.tfevents.*"))
+
+
+def test_a_diverging_member_fails_alone(tmp_path, single_thread):
+    runs = [load_config([], TINY + [f"trainer.lr={lr}", f"runs_dir={tmp_path}", f"run_name=m{i}",
+                                    "trainer.grad_clip=0", "trainer.warmup_frac=0"]) for i, lr in enumerate([1e-3, 1e12])]
+    good, bad = train_stacked(runs)
+    assert good["steps"] == 12 and "DivergedError" in bad["error"]
+
+
+def test_pruned_member_stops_and_the_others_go_on(tmp_path, single_thread):
+    runs = [load_config([], TINY + [f"trainer.lr={lr}", f"runs_dir={tmp_path}", f"run_name=m{i}"])
+            for i, lr in enumerate([1e-3, 1e-2])]
+    kept, pruned = train_stacked(runs, [None, lambda step, metrics: step >= 8])
+    assert kept["steps"] == 12 and kept["pruned_at"] is None
+    assert pruned["pruned_at"] == 8 and pruned["steps"] == 8
+
+
+def test_members_must_share_everything_but_lr(tmp_path):
+    runs = [load_config([], TINY + [f"runs_dir={tmp_path}", "run_name=a"]),
+            load_config([], TINY + [f"runs_dir={tmp_path}", "run_name=b", "model.d_model=32"])]
+    with pytest.raises(LabError, match="may differ only in trainer.lr.*model.d_model"):
+        train_stacked(runs)
+
+
+def test_sweep_stacks_each_cells_lrs(tmp_path):
+    config = write_sweep(tmp_path, {
+        "study": "stacked", "lrs": [1e-3, 1e-2, 3e-2], "stack_lrs": True,
+        "variants": {"attention": {"model.name": "attention"}, "gla": {"model.name": "gla"}},
+    })
+    summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"], workers=1)
+    assert summary["counts"]["complete"] == 6 and summary["counts"]["failed"] == 0, summary
+    complete = by_state(trials_of(tmp_path, "stacked"), TrialState.COMPLETE)
+    groups = {tuple(t.user_attrs["stacked_with"]) for t in complete}
+    assert len(groups) == 2 and all(len(g) == 3 for g in groups)  # each cell's three lrs in one stack
+    assert len({t.user_attrs["run_key"] for t in complete}) == 6
+    assert all(t.user_attrs["steps"] == TINY_RUN["trainer"]["max_steps"] for t in complete)
+
+
+def test_stack_lrs_needs_a_grid_with_lrs(tmp_path, capsys):
+    from lab.cli import main
+
+    config = write_sweep(tmp_path, {"study": "x", "lrs": [1e-3], "stack_lrs": True})
+    assert main(["sweep", "--config", config, f"runs_dir={tmp_path}"]) == 2
+    assert "sweep.stack_lrs=true" in capsys.readouterr().err
