@@ -87,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks: ops (GKA op backends, CPU), mixers (training tokens/s), "
                                               "kernels (Triton GKA vs SDPA and the torch path, GPU)")
-    bench.add_argument("what", choices=["ops", "mixers", "kernels"])
+    bench.add_argument("what", choices=["ops", "mixers", "kernels", "sweep"])
     bench.add_argument("--out", default=None, help="write the rows as JSON here")
+    bench.add_argument("settings", nargs="*", metavar="key=value",
+                       help="sweep only: sweep=FILE steps=N members=4,8 processes=2,4 and cell keys "
+                            "(variant=gka model.d_model=64 task.seq_len=128 ...)")
     bench.set_defaults(handler=cmd_bench)
     return parser
 
@@ -275,6 +278,53 @@ def cmd_tb(args) -> int:
         time.sleep(3600)
 
 
+def bench_sweep_command(settings: list[str]) -> list[dict]:
+    from lab.bench_sweep import DEFAULT_SWEEP, bench_sweep
+    from lab.config import parse_overrides
+
+    values = {key: value for key, value in _flat(parse_overrides(settings)).items()}
+
+    def numbers(key: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        value = values.pop(key, None)
+        if value is None:
+            return default
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        try:
+            parsed = tuple(int(v) for v in items)
+        except ValueError:
+            raise LabError(f"{key}={value}: give whole numbers, e.g. {key}=2,4") from None
+        if any(n < 1 for n in parsed):
+            raise LabError(f"{key}={value}: every number must be >= 1")
+        return parsed
+
+    sweep_file = str(values.pop("sweep", DEFAULT_SWEEP))
+    (steps,) = numbers("steps", (200,))
+    rows = bench_sweep(sweep_file, cell=values, steps=steps, members=numbers("members", (4,)),
+                       process_counts=numbers("processes", (2, 4)))
+    console().print(markdown_rows(rows))
+    return rows
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, DictConfig):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = OmegaConf.to_object(value) if hasattr(value, "_is_missing") else value
+    return out
+
+
+def markdown_rows(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{v:,.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    return "\n".join(lines)
+
+
 def cmd_bench(args) -> int:
     from lab import bench
 
@@ -291,7 +341,12 @@ def cmd_bench(args) -> int:
         print(markdown_table(rows))
         print(f"wrote {out_dir}/kernels_gpu.json and kernels_gpu.md")
         return 0
-    rows = bench.run(args.what)
+    if args.what == "sweep":
+        rows = bench_sweep_command(args.settings)
+    elif args.settings:
+        raise LabError(f"lab bench {args.what} takes no key=value settings")
+    else:
+        rows = bench.run(args.what)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.out}")

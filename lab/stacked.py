@@ -9,6 +9,7 @@ that stops (early stop, pruned, diverged) is frozen; the stack ends when all hav
 """
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,6 +110,9 @@ def check_stackable(runs: list[RunConfig]) -> None:
             raise LabError(f"stacked runs may differ only in {', '.join(MEMBER_KEYS)}; run {index} also changes "
                            f"{', '.join(differing[:4])}")
     trainer = runs[0].trainer
+    if trainer.compile:
+        raise LabError("trainer.compile=true: stacked training does not compile its vmapped model; "
+                       "set trainer.compile=false")
     if trainer.devices != 1 or trainer.strategy != "auto":
         raise LabError("stacked training runs in one process on one device (trainer.devices=1, strategy=auto)")
     if trainer.precision not in (*FULL_PRECISION, *AUTOCAST):
@@ -185,8 +189,9 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
         for m, member in enumerate(members):
             if member.active:
                 _after_validation(member, sums[m], step, epoch, params, m, datamodule.test_slice_names)
+                member.wall_seconds = time.perf_counter() - stack_started
 
-    step, epoch, tokens, seconds = 0, 0, 0, 0.0
+    step, epoch, tokens, seconds, step_seconds = 0, 0, 0, 0.0, []
     stack_started = time.perf_counter()
     while epoch < cfg.max_epochs and step != cfg.max_steps and any(m.active for m in members):
         for inputs, labels, _ in train_loader:
@@ -206,7 +211,8 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
                 p.grad = None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - started
+            step_seconds.append(time.perf_counter() - started)
+            seconds += step_seconds[-1]
             tokens += inputs.numel()
             if (step + 1) % cfg.log_every_n_steps == 0:
                 for m, member in enumerate(members):
@@ -232,7 +238,9 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
             continue
         break
     # every member trains on every batch: each member's rate is the stack's batches per second
-    return [_finish(member, tokens / seconds if seconds else 0.0, num_members) for member in members]
+    rates = {"train_tokens_per_second": tokens / seconds if seconds else 0.0,
+             "train_step_ms_median": 1e3 * statistics.median(step_seconds or [0.0])}
+    return [_finish(member, rates, num_members) for member in members]
 
 
 def _check_finite(members: list[Member], losses: torch.Tensor, step: int, lrs: torch.Tensor) -> None:
@@ -280,7 +288,7 @@ def _after_validation(member: Member, sums: torch.Tensor, step: int, epoch: int,
         member.active, member.pruned_at = False, step
 
 
-def _finish(member: Member, tokens_per_second: float, num_members: int) -> dict:
+def _finish(member: Member, rates: dict, num_members: int) -> dict:
     if member.error:
         member.logger.finalize("failed")
         return {"error": member.error, "run_dir": str(member.run_dir)}
@@ -291,7 +299,7 @@ def _finish(member: Member, tokens_per_second: float, num_members: int) -> dict:
         "best_val_acc": member.best_val_acc, "best_epoch": member.best_epoch, "best_step": member.best_step,
         "epochs": member.epochs, "steps": member.steps, "params": member.params,
         "state_size_bytes": member.state_size, "wall_seconds": member.wall_seconds,
-        "train_tokens_per_second": tokens_per_second,  # this member's; the stack trains num_members times that
+        **rates,  # this member's; the stack trains num_members times its tokens/s
         "stacked_members": num_members,
         "stopped_early": member.final.get("val/acc", 0.0) > run.trainer.early_stop_acc,
         "pruned_at": member.pruned_at, "config": config,

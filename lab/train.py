@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -40,6 +41,7 @@ class Throughput(Callback):
     def __init__(self):
         self.tokens = 0
         self.seconds = 0.0
+        self.step_seconds: list[float] = []
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -48,7 +50,8 @@ class Throughput(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
-        self.seconds += time.perf_counter() - self._start
+        self.step_seconds.append(time.perf_counter() - self._start)
+        self.seconds += self.step_seconds[-1]
         self.tokens += batch[0].numel() * trainer.world_size  # DDP: every rank trains its own batch
 
     @property
@@ -102,6 +105,9 @@ def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict | None:
     ranks > 0 train too, write nothing and return None.
     """
     quiet_lightning()
+    if run.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise LabError(f"trainer.accelerator={run.trainer.accelerator}: this machine has no CUDA GPU "
+                       "(use trainer.accelerator=cpu or auto)")
     datamodule = TaskDataModule(run)  # validates slices before anything is written
     child = ddp_child()
     run_dir = Path(os.environ[DDP_RUN_DIR_ENV]) if child else run_directory(run)
@@ -114,6 +120,8 @@ def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict | None:
     L.seed_everything(run.seed, workers=True, verbose=False)
     datamodule.setup()
     model = build_model(run.model, datamodule.vocab_size)
+    if run.trainer.compile:
+        model.hidden_states = torch.compile(model.hidden_states)  # the module's state_dict stays plain
     module = LabModule(run, model, datamodule.test_slice_names)
 
     logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name, default_hp_metric=False)
@@ -165,6 +173,8 @@ def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict | None:
         "state_size_bytes": model.state_size(max(s.seq_len for s in datamodule.test_slices)),
         "wall_seconds": wall_seconds,
         "train_tokens_per_second": throughput.tokens_per_second,
+        # the median leaves out the first steps' one-off costs (CUDA context, kernel compiles)
+        "train_step_ms_median": 1e3 * statistics.median(throughput.step_seconds or [0.0]),
         # EarlyStopping stops once val/acc > early_stop_acc; its stopped_epoch is 0 for a stop in epoch 0
         "stopped_early": final.get("val/acc", 0.0) > run.trainer.early_stop_acc,
         "config": config,

@@ -37,6 +37,43 @@ def rotate(x: torch.Tensor, base: float) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA on [B, H, T, D]. Under vmap (stacked models, lab/stacked.py) PyTorch has no batching rule
+    for SDPA and loops over the members; _FoldedAttention folds them into the batch instead."""
+    if torch._C._functorch.is_batchedtensor(q):
+        return _FoldedAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class _FoldedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # recompute the forward (SDPA keeps no graph inside a Function); attention is a small part of a step
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+            out = F.scaled_dot_product_attention(*inputs, is_causal=True)
+        return torch.autograd.grad(out, inputs, grad)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v):
+        members = info.batch_size
+
+        def fold(tensor, dim):
+            tensor = tensor.expand(members, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
+            return tensor.flatten(0, 1)
+
+        out = _FoldedAttention.apply(*(fold(t, d) for t, d in zip((q, k, v), in_dims, strict=True)))
+        return out.unflatten(0, (members, -1)), 0
+
+
 class AttentionMixer(nn.Module):
     def __init__(self, cfg: AttentionConfig):
         super().__init__()
@@ -50,8 +87,7 @@ class AttentionMixer(nn.Module):
         batch, seq_len, _ = x.shape
         q, k, v = self.qkv_proj(x).view(batch, seq_len, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = rotate(q, self.rope_base), rotate(k, self.rope_base)
-        # SDPA wants [B, H, T, D]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # SDPA wants [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def state_size(self, seq_len: int) -> int:
