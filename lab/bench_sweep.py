@@ -123,7 +123,7 @@ def bench_sweep(sweep_file: str = str(DEFAULT_SWEEP), cell: dict | None = None, 
             add(f"stacked x{m}", m, stacked([cell_config(sweep_file, cell, lr, f"stack{m}-{i}", tmp, steps)
                                              for i, lr in enumerate(LRS[:m])]))
         for k in process_counts:
-            add(f"{k} processes", k, processes(k, sweep_file, cell, steps))
+            add(f"{k} process{'es' if k > 1 else ''}", k, processes(k, sweep_file, cell, steps))
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
     return rows
