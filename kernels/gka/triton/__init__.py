@@ -75,15 +75,17 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     # low_states: chunk states and the backward's state buffers in the input dtype (every consumer casts
     # them to it for the products anyway; the scans accumulate in fp32 registers). Measured on the H200
     # (2026-11-30, run_all's sweep): part of the fastest setting at 1 x 32768 x 8 x 128 bf16 (12.7 vs 14.0 ms).
-    cfg = {"fwd_lean": False, "bwd_lean": low, "split": low, "low_states": low}
+    cfg = {"fwd_lean": False, "bwd_lean": low, "split": low, "low_states": low, "solver": "halves",
+           "read_split": low, "bwd_fuse": False}  # bwd_fuse: readout + solve in one launch, 0.5 ms slower (v6)
     if interpreting():
-        cfg |= {"fwd_warps": 4, "bwd_warps": 4, "readout_warps": 4, "carry_warps": 4, "scan_rows": 16,
-                "scan_warps": 4, "scan_bwd_warps": 4}
+        cfg |= {"fwd_warps": 4, "bwd_warps": 4, "grads_warps": 4, "readout_warps": 4, "carry_warps": 4,
+                "scan_rows": 16, "scan_warps": 4, "scan_bwd_warps": 4}
     else:
         wide = head_dim > 64
         cfg |= {
             "fwd_warps": 4 if low else 8,  # fp32 (tf32x3): 4 warps spill heavily (ptxas)
-            "bwd_warps": 8 if wide else 4,
+            "bwd_warps": 4 if low else 8,  # fp32 (tf32x3): 4 warps spill heavily (ptxas)
+            "grads_warps": 8,  # 4 warps spill 3x more (ptxas) and ran 2.7x slower (v6 sweep)
             "readout_warps": 4,
             "carry_warps": 8 if wide else 4,
             "scan_rows": 16,
@@ -91,6 +93,14 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
             "scan_bwd_warps": 8,
         }
     return cfg | LAUNCH_OVERRIDES
+
+
+def _resid_mode(cfg: dict, block_dim: int) -> int:
+    """kernels' RESID: 0 the v5 solver (LEAN/SPLIT), 1 residual form, 2 residual form on column halves."""
+    solver = cfg["solver"]
+    if solver == "halves" and block_dim < 32:  # half tiles narrower than 16 can't be dot operands
+        solver = "resid"
+    return {"v5": 0, "resid": 1, "halves": 2}[solver]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -111,6 +121,7 @@ class _TritonGKA(torch.autograd.Function):
         u0_32 = None if u0 is None else u0.float().contiguous()
         f32 = {"device": q.device, "dtype": torch.float32}
         cfg = _launch_config(max(key_dim, value_dim), q.dtype)
+        low = q.dtype != torch.float32
         state_dtype = q.dtype if cfg["low_states"] else torch.float32
         h_states = torch.empty(batch, heads, num_chunks, key_dim, key_dim, device=q.device, dtype=state_dtype)
         u_states = torch.empty(batch, heads, num_chunks, value_dim, key_dim, device=q.device, dtype=state_dtype)
@@ -138,7 +149,8 @@ class _TritonGKA(torch.autograd.Function):
             seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
             ADAPTIVE=adaptive, HAS_G=g32 is not None, HAS_ALPHA=a32 is not None,
             C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, LEAN=cfg["fwd_lean"], SPLIT=cfg["split"],
-            INTERPRET=interpreting(), num_warps=cfg["fwd_warps"],
+            INTERPRET=interpreting(), RESID=_resid_mode(cfg, bd), READ_SPLIT=cfg["read_split"] and low,
+            num_warps=cfg["fwd_warps"],
         )
         ctx.save_for_backward(q, k, v, g32, a32, h_states, u_states, x, norm)
         ctx.options = (ridge, adaptive, num_iter, scale, chunk_size)
@@ -182,20 +194,36 @@ class _TritonGKA(torch.autograd.Function):
                          dtype=q.dtype if cfg["bwd_lean"] else torch.float32)
         dq_direct = torch.empty(batch, seq_len, heads, key_dim, **f32) if a32 is not None else dummy
         grid = (num_chunks, batch * heads)
-        K._gka_bwd_readout[grid](
-            q, k, v, gp, a32 if a32 is not None else dummy, u_states, x, do,
-            dx, dq_direct, dk_part, dv_part, dG_part, dalpha if dalpha is not None else dummy, du_buf,
-            seq_len, heads, num_chunks, key_dim, value_dim, float(scale),
-            HAS_G=has_g, HAS_ALPHA=a32 is not None,
-            C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["readout_warps"],
+        # the second solve's solution, for _gka_bwd_grads (whose products take it in the input dtype anyway)
+        y = torch.empty(batch, seq_len, heads, key_dim, device=q.device, dtype=q.dtype if cfg["bwd_lean"] else torch.float32)
+        readout_args = (q, k, v, gp, a32 if a32 is not None else dummy, u_states, x, do)
+        readout_outs = (dx, dq_direct, dk_part, dv_part, dG_part, dalpha if dalpha is not None else dummy, du_buf)
+        solve_flags = {"ADAPTIVE": adaptive, "HAS_G": has_g, "HAS_ALPHA": a32 is not None, "C": chunk_size, "BD": bd,
+                       "DOT_PREC": prec, "LEAN": cfg["bwd_lean"], "SPLIT": cfg["split"], "INTERPRET": interpreting(),
+                       "RESID": _resid_mode(cfg, bd)}
+        if cfg["bwd_fuse"]:
+            K._gka_bwd_fused[grid](
+                *readout_args[:5], h_states, u_states, x, norm, do, *readout_outs, dq, y,
+                seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
+                BDV=bdv, **solve_flags, num_warps=cfg["bwd_warps"],
+            )
+        else:
+            K._gka_bwd_readout[grid](
+                *readout_args, *readout_outs, seq_len, heads, num_chunks, key_dim, value_dim, float(scale),
+                HAS_G=has_g, HAS_ALPHA=a32 is not None,
+                C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["readout_warps"],
+            )
+            K._gka_bwd_solve[grid](
+                k, gp, h_states, norm, dx, dq_direct, dq, y,
+                seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
+                **solve_flags, num_warps=cfg["bwd_warps"],
+            )
+        K._gka_bwd_grads[grid](
+            k, gp, h_states, x, norm, y, dk_part, dG_part, dh_buf,
+            seq_len, heads, num_chunks, key_dim, float(ridge),
+            ADAPTIVE=adaptive, HAS_G=has_g, C=chunk_size, BD=bd, DOT_PREC=prec, num_warps=cfg["grads_warps"],
         )
-        K._gka_bwd_solve[grid](
-            k, gp, h_states, x, norm, dx, dq_direct, dq, dk_part, dG_part, dh_buf,
-            seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
-            ADAPTIVE=adaptive, HAS_G=has_g, HAS_ALPHA=a32 is not None,
-            C=chunk_size, BD=bd, DOT_PREC=prec, LEAN=cfg["bwd_lean"], SPLIT=cfg["split"],
-            INTERPRET=interpreting(), num_warps=cfg["bwd_warps"],
-        )
+        del y
         block = min(1024, triton.next_power_of_2(key_dim * max(key_dim, value_dim)))
         has_final = dh_final is not None or du_final is not None
         if has_final:

@@ -108,9 +108,164 @@ def _chebyshev_step(x, d, weight, step, rho_sq, rhs, H0T, K, M, E, lam, DOT_PREC
 
 
 @triton.jit
+def _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC: tl.constexpr):
+    """u + (A - lam I) dd for the C iterates dd [C, BD] (dot dtype): E * (dd H0^T) + ((dd K^T) * M) K + u."""
+    u = tl.dot(dd, H0T, input_precision=DOT_PREC) * E[:, None] + u
+    xs = (tl.dot(dd, tl.trans(K), input_precision=DOT_PREC) * M).to(K.dtype)
+    return tl.dot(xs, K, acc=u, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _cheb_resid(rhs, H0T, K, M, E, lam, upper, num_iter, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """num_iter Chebyshev steps for A x = rhs in residual form (the same iterates as _chebyshev in exact
+    arithmetic): the products apply A to the step dd = x_k - x_{k-1}, rounded to the dot dtype, and x, the
+    residual are updated with that same rounded dd, so rounding the operand is no error at all (x never
+    enters a product); what rounding is left (the masked scores) scales with the shrinking step.
+
+    u = (A - lam I) x - rhs (fp32); x fp32; dd in the dot dtype. Per step: u += (A - lam I) dd;
+    d = (w - 1) dd - w s (u + lam x); dd = round(d); x += dd.
+    """
+    step = 2.0 / (upper + lam)
+    rho = (upper - lam) / (upper + lam)
+    rho_sq = rho * rho
+    weight = tl.zeros_like(step) + 2.0
+    b = rhs.to(tl.float32)
+    dd = (step[:, None] * b).to(K.dtype)
+    x = dd.to(tl.float32)
+    u = -b
+    if INTERPRET:
+        i = 0
+        while i < num_iter:
+            u = _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC)
+            weight = 4.0 / (4.0 - rho_sq * weight)
+            d = (weight - 1.0)[:, None] * dd.to(tl.float32) - (weight * step)[:, None] * (u + lam[:, None] * x)
+            dd = d.to(K.dtype)
+            x += dd.to(tl.float32)
+            i += 1
+    else:
+        for _ in range(num_iter):
+            u = _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC)
+            weight = 4.0 / (4.0 - rho_sq * weight)
+            d = (weight - 1.0)[:, None] * dd.to(tl.float32) - (weight * step)[:, None] * (u + lam[:, None] * x)
+            dd = d.to(K.dtype)
+            x += dd.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _to_dot(x, dt: tl.constexpr, ASM: tl.constexpr):
+    """x (fp32) rounded to the dot dtype; ASM (bf16 on the GPU): one cvt.rn.bf16x2 for two elements (Triton
+    emitted a single-element cvt plus a byte permute for each)."""
+    if ASM:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
+                                         is_pure=True, pack=2)
+    else:
+        return x.to(dt)
+
+
+@triton.jit
+def _to_f32(x, ASM: tl.constexpr):
+    """x (dot dtype) to fp32; ASM (bf16 on the GPU): two bit operations for two elements."""
+    if ASM:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam, Ka, Kb, Haa, Hab, Hba, Hbb, M, E,
+                 DOT_PREC: tl.constexpr, ASM: tl.constexpr):
+    """One residual-form Chebyshev step (_cheb_resid) on column halves a, b of the [C, BD] tiles; H_rc is the
+    [BD/2, BD/2] block (row half r, column half c) of H0 in the dot dtype. Half-width products keep the
+    fp32 product of dd H0^T at [C, BD/2] (32 registers a thread at 4 warps), so x, u, dd, M and it fit."""
+    dt = Ka.dtype
+    pa = tl.dot(db, tl.trans(Hab), acc=tl.dot(da, tl.trans(Haa), input_precision=DOT_PREC),
+                input_precision=DOT_PREC)
+    ua = pa * E[:, None] + ua
+    pb = tl.dot(db, tl.trans(Hbb), acc=tl.dot(da, tl.trans(Hba), input_precision=DOT_PREC),
+                input_precision=DOT_PREC)
+    ub = pb * E[:, None] + ub
+    xk = tl.dot(db, tl.trans(Kb), acc=tl.dot(da, tl.trans(Ka), input_precision=DOT_PREC),
+                input_precision=DOT_PREC)
+    xs = (xk * M).to(dt)
+    ua = tl.dot(xs, Ka, acc=ua, input_precision=DOT_PREC)
+    ub = tl.dot(xs, Kb, acc=ub, input_precision=DOT_PREC)
+    weight = 4.0 / (4.0 - rho_sq * weight)
+    c_prev = (weight - 1.0)[:, None]
+    c_res = (weight * step)[:, None]
+    da = _to_dot(c_prev * _to_f32(da, ASM) - c_res * (ua + lam[:, None] * xa), dt, ASM)
+    xa += _to_f32(da, ASM)
+    db = _to_dot(c_prev * _to_f32(db, ASM) - c_res * (ub + lam[:, None] * xb), dt, ASM)
+    xb += _to_f32(db, ASM)
+    return da, db, xa, xb, ua, ub, weight
+
+
+@triton.jit
+def _cheb_halves(rhs_a, rhs_b, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num_iter, DOT_PREC: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """_cheb_resid on column halves (see _halves_step); returns the solution's halves (fp32)."""
+    step = 2.0 / (upper + lam)
+    rho = (upper - lam) / (upper + lam)
+    rho_sq = rho * rho
+    weight = tl.zeros_like(step) + 2.0
+    ua = -rhs_a.to(tl.float32)
+    ub = -rhs_b.to(tl.float32)
+    da = (step[:, None] * rhs_a.to(tl.float32)).to(Ka.dtype)
+    db = (step[:, None] * rhs_b.to(tl.float32)).to(Ka.dtype)
+    xa = da.to(tl.float32)
+    xb = db.to(tl.float32)
+    ASM: tl.constexpr = (not INTERPRET) and Ka.dtype == tl.bfloat16
+    if INTERPRET:
+        i = 0
+        while i < num_iter:
+            da, db, xa, xb, ua, ub, weight = _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam,
+                                                          Ka, Kb, Haa, Hab, Hba, Hbb, M, E, DOT_PREC,
+                                                          ASM)
+            i += 1
+    else:
+        for _ in range(num_iter):
+            da, db, xa, xb, ua, ub, weight = _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam,
+                                                          Ka, Kb, Haa, Hab, Hba, Hbb, M, E, DOT_PREC,
+                                                          ASM)
+    return xa, xb
+
+
+@triton.jit
+def _tile_at(ptr, b, h, n, T, H, D, col0, C: tl.constexpr, BD: tl.constexpr):
+    """_tile for the columns [col0, col0 + BD)."""
+    return tl.make_block_ptr(ptr + (b * T * H + h) * D, shape=(T, D), strides=(H * D, 1),
+                             offsets=(n * C, col0), block_shape=(C, BD), order=(1, 0))
+
+
+@triton.jit
+def _state_at(ptr, bh, n, N, R, D, row0, col0, BR: tl.constexpr, BD: tl.constexpr):
+    """_state for the block at (row0, col0)."""
+    return tl.make_block_ptr(ptr + (bh * N + n) * R * D, shape=(R, D), strides=(D, 1), offsets=(row0, col0),
+                             block_shape=(BR, BD), order=(1, 0))
+
+
+@triton.jit
+def _solve_halves(rhs, rhs_dtype, k, h_states, b, h, bh, n, T, H, N, D, M, E, lam, upper, num_iter,
+                  C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """Loads the halves of the right-hand side (a [B, T, H, D] tensor), K and H0 and runs _cheb_halves."""
+    BH: tl.constexpr = BD // 2
+    Ka = _load(_tile_at(k, b, h, n, T, H, D, 0, C, BH))
+    Kb = _load(_tile_at(k, b, h, n, T, H, D, BH, C, BH))
+    dt = Ka.dtype
+    Haa = _load(_state_at(h_states, bh, n, N, D, D, 0, 0, BH, BH)).to(dt)
+    Hab = _load(_state_at(h_states, bh, n, N, D, D, 0, BH, BH, BH)).to(dt)
+    Hba = _load(_state_at(h_states, bh, n, N, D, D, BH, 0, BH, BH)).to(dt)
+    Hbb = _load(_state_at(h_states, bh, n, N, D, D, BH, BH, BH, BH)).to(dt)
+    ra = _load(_tile_at(rhs, b, h, n, T, H, D, 0, C, BH))
+    rb = _load(_tile_at(rhs, b, h, n, T, H, D, BH, C, BH))
+    return _cheb_halves(ra, rb, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num_iter, DOT_PREC, INTERPRET)
+
+
+@triton.jit
 def _sq_norms(H0, K, M, E, DOT_PREC: tl.constexpr):
     """||H_c||_F^2 for every token of the chunk, plus the pieces the backward reuses."""
-    h_sq = tl.sum(tl.sum(H0 * H0, 1), 0)
+    h_sq = tl.sum(tl.sum(H0.to(tl.float32) * H0.to(tl.float32), 1), 0)
     kh = tl.dot(K, H0.to(K.dtype), input_precision=DOT_PREC)  # row j: k_j^T H0
     energy = tl.sum(kh * K.to(tl.float32), 1)  # k_j^T H0 k_j
     kk = tl.dot(K, tl.trans(K), input_precision=DOT_PREC)
@@ -195,7 +350,7 @@ def _gka_fwd_chunk(
     T, H, N, D, DV, scale, ridge, num_iter,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr,
-    SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT: tl.constexpr, INTERPRET: tl.constexpr, RESID: tl.constexpr = 2, READ_SPLIT: tl.constexpr = False,
 ):
     """One chunk of one (batch, head): norms, Chebyshev solve, alpha-connection, readout. Grid (N, B * H)."""
     n = tl.program_id(0)
@@ -209,7 +364,7 @@ def _gka_fwd_chunk(
     G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     M = _decay_mask(G, C)
     E = tl.exp(G)
-    H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(tl.float32)
+    H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD))
 
     sq, _, _, _, _, _ = _sq_norms(H0, K, M, E, DOT_PREC)
     norm = tl.sqrt(tl.maximum(sq, 0.0) + NORM_EPS_SQ)
@@ -219,22 +374,61 @@ def _gka_fwd_chunk(
         lam = tl.zeros_like(norm) + ridge
     tl.store(norm_out + bh * N * C + t, norm)
 
-    Q = _load(_tile(q, b, h, n, T, H, D, C, BD))
-    if not LEAN:
-        Q = Q.to(tl.float32)
-    X = _chebyshev(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, LEAN, SPLIT,
-                   INTERPRET)
-    tl.store(_tile(x_out, b, h, n, T, H, D, C, BD), X, boundary_check=(0, 1))
-    if HAS_ALPHA:
-        a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
-        X = Q.to(tl.float32) + a[:, None] * (X - Q.to(tl.float32))
+    if RESID == 2:  # column halves (BD >= 32)
+        BH: tl.constexpr = BD // 2
+        Xa, Xb = _solve_halves(q, q, k, h_states, b, h, bh, n, T, H, N, D, M, E, lam, norm + lam, num_iter,
+                               C, BD, DOT_PREC, INTERPRET)
+        tl.store(_tile_at(x_out, b, h, n, T, H, D, 0, C, BH), Xa, boundary_check=(0, 1))
+        tl.store(_tile_at(x_out, b, h, n, T, H, D, BH, C, BH), Xb, boundary_check=(0, 1))
+        if HAS_ALPHA:
+            a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
+            Qa = _load(_tile_at(q, b, h, n, T, H, D, 0, C, BH)).to(tl.float32)
+            Qb = _load(_tile_at(q, b, h, n, T, H, D, BH, C, BH)).to(tl.float32)
+            Xa = Qa + a[:, None] * (Xa - Qa)
+            Xb = Qb + a[:, None] * (Xb - Qb)
+        dt = K.dtype
+        qa = Xa.to(dt)
+        qb = Xb.to(dt)
+        Ka = _load(_tile_at(k, b, h, n, T, H, D, 0, C, BH))
+        Kb = _load(_tile_at(k, b, h, n, T, H, D, BH, C, BH))
+        scores = tl.dot(qb, tl.trans(Kb), acc=tl.dot(qa, tl.trans(Ka), input_precision=DOT_PREC),
+                        input_precision=DOT_PREC)
+        V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
+        U0a = _load(_state_at(u_states, bh, n, N, DV, D, 0, 0, BDV, BH)).to(dt)
+        U0b = _load(_state_at(u_states, bh, n, N, DV, D, 0, BH, BDV, BH)).to(dt)
+        out = tl.dot(qb, tl.trans(U0b), acc=tl.dot(qa, tl.trans(U0a), input_precision=DOT_PREC),
+                     input_precision=DOT_PREC)
+        if READ_SPLIT:
+            # qt's rounding to the dot dtype, as a second (lo) operand: the readout's largest error
+            la = (Xa - qa.to(tl.float32)).to(dt)
+            lb = (Xb - qb.to(tl.float32)).to(dt)
+            scores = tl.dot(lb, tl.trans(Kb), acc=tl.dot(la, tl.trans(Ka), acc=scores, input_precision=DOT_PREC),
+                            input_precision=DOT_PREC)
+            out = tl.dot(lb, tl.trans(U0b), acc=tl.dot(la, tl.trans(U0a), acc=out, input_precision=DOT_PREC),
+                         input_precision=DOT_PREC)
+        scores = scores * M
+        out = out * E[:, None]
+        out = tl.dot(scores.to(dt), V, acc=out, input_precision=DOT_PREC)
+    else:
+        Q = _load(_tile(q, b, h, n, T, H, D, C, BD))
+        if not LEAN:
+            Q = Q.to(tl.float32)
+        if RESID == 1:
+            X = _cheb_resid(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET)
+        else:
+            X = _chebyshev(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, LEAN,
+                           SPLIT, INTERPRET)
+        tl.store(_tile(x_out, b, h, n, T, H, D, C, BD), X, boundary_check=(0, 1))
+        if HAS_ALPHA:
+            a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
+            X = Q.to(tl.float32) + a[:, None] * (X - Q.to(tl.float32))
 
-    V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
-    U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(tl.float32)
-    qt = X.to(K.dtype)
-    scores = tl.dot(qt, tl.trans(K), input_precision=DOT_PREC) * M
-    out = tl.dot(qt, tl.trans(U0.to(K.dtype)), input_precision=DOT_PREC) * E[:, None]
-    out = tl.dot(scores.to(K.dtype), V, acc=out, input_precision=DOT_PREC)
+        V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
+        U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(tl.float32)
+        qt = X.to(K.dtype)
+        scores = tl.dot(qt, tl.trans(K), input_precision=DOT_PREC) * M
+        out = tl.dot(qt, tl.trans(U0.to(K.dtype)), input_precision=DOT_PREC) * E[:, None]
+        out = tl.dot(scores.to(K.dtype), V, acc=out, input_precision=DOT_PREC)
     tl.store(_tile(o, b, h, n, T, H, DV, C, BDV), (scale * out).to(o.dtype.element_ty), boundary_check=(0, 1))
 
 
@@ -302,11 +496,11 @@ def _gka_bwd_readout(
         qt = X
     V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
     dO = _load(_tile(do, b, h, n, T, H, DV, C, BDV))
-    U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(tl.float32)
+    U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(dt)
 
     qtd = qt.to(dt)
     dov = tl.dot(dO, tl.trans(V), input_precision=DOT_PREC) * M  # (dO V^T) * M
-    do_u0 = tl.dot(dO, U0.to(dt), input_precision=DOT_PREC)  # row c: (U0^T do_c)^T
+    do_u0 = tl.dot(dO, U0, input_precision=DOT_PREC)  # row c: (U0^T do_c)^T
     dqt = scale * tl.dot(dov.to(dt), K, acc=E[:, None] * do_u0, input_precision=DOT_PREC)
     scores = tl.dot(qtd, tl.trans(K), input_precision=DOT_PREC)  # qt K^T
     dV = scale * tl.dot(tl.trans((scores * M).to(dt)), dO, input_precision=DOT_PREC)
@@ -330,73 +524,151 @@ def _gka_bwd_readout(
 
 @triton.jit
 def _gka_bwd_solve(
-    k, g, h_states, x_saved, norm_saved, dx_in, dq_direct,
-    dq, dk_part, dG_part, dh_local,
+    k, g, h_states, norm_saved, dx_in, dq_direct, dq, y_out,
     T, H, N, D, ridge, num_iter,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr, SPLIT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, RESID: tl.constexpr = 2,
 ):
-    """The second Chebyshev solve Y = A^{-1} dx (forward's bounds), dq = (1 - alpha) dqt + Y, and the grads of
-    dA_c = -y_c x_c^T through A_c = E_c H0 + sum_j M[c, j] k_j k_j^T + lam_c I and, in adaptive mode,
-    through lam_c = a ||H_c||_F and the chunk formula for ||H_c||_F^2. Adds to dK and dG of the readout
-    and writes the chunk's dH0 contribution. Grid (N, B * H).
+    """The second Chebyshev solve Y = A^{-1} dx (forward's bounds): writes Y (for _gka_bwd_grads) and
+    dq = (1 - alpha) dqt + Y. Nothing but the solver is live here (the grads are a separate launch), so
+    the solver loop keeps its registers. Grid (N, B * H).
     """
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
-    K = _load(_tile(k, b, h, n, T, H, D, C, BD))
-    dt = K.dtype
     G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     M = _decay_mask(G, C)
     E = tl.exp(G)
-    H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(tl.float32)
-    H0T = tl.trans(H0).to(dt)
     norm = tl.load(norm_saved + bh * N * C + t)
     if ADAPTIVE:
         lam = ridge * norm
     else:
         lam = tl.zeros_like(norm) + ridge
-    dx = _load(_tile(dx_in, b, h, n, T, H, D, C, BD))
-    Y = _chebyshev(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, LEAN, SPLIT, INTERPRET)
-    if HAS_ALPHA:
-        dq_t = Y + _load(_tile(dq_direct, b, h, n, T, H, D, C, BD))
-        tl.store(_tile(dq, b, h, n, T, H, D, C, BD), dq_t.to(dq.dtype.element_ty), boundary_check=(0, 1))
+    if RESID == 2:
+        BH: tl.constexpr = BD // 2
+        Ya, Yb = _solve_halves(dx_in, dx_in, k, h_states, b, h, bh, n, T, H, N, D, M, E, lam, norm + lam,
+                               num_iter, C, BD, DOT_PREC, INTERPRET)
+        tl.store(_tile_at(y_out, b, h, n, T, H, D, 0, C, BH), Ya.to(y_out.dtype.element_ty), boundary_check=(0, 1))
+        tl.store(_tile_at(y_out, b, h, n, T, H, D, BH, C, BH), Yb.to(y_out.dtype.element_ty),
+                 boundary_check=(0, 1))
+        if HAS_ALPHA:
+            Ya += _load(_tile_at(dq_direct, b, h, n, T, H, D, 0, C, BH))
+            Yb += _load(_tile_at(dq_direct, b, h, n, T, H, D, BH, C, BH))
+        tl.store(_tile_at(dq, b, h, n, T, H, D, 0, C, BH), Ya.to(dq.dtype.element_ty), boundary_check=(0, 1))
+        tl.store(_tile_at(dq, b, h, n, T, H, D, BH, C, BH), Yb.to(dq.dtype.element_ty), boundary_check=(0, 1))
     else:
+        K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+        H0T = tl.trans(_load(_state(h_states, bh, n, N, D, D, BD, BD))).to(K.dtype)
+        dx = _load(_tile(dx_in, b, h, n, T, H, D, C, BD))
+        if RESID == 1:
+            Y = _cheb_resid(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET)
+        else:
+            Y = _chebyshev(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, LEAN, SPLIT, INTERPRET)
+        tl.store(_tile(y_out, b, h, n, T, H, D, C, BD), Y.to(y_out.dtype.element_ty), boundary_check=(0, 1))
+        if HAS_ALPHA:
+            Y += _load(_tile(dq_direct, b, h, n, T, H, D, C, BD))
         tl.store(_tile(dq, b, h, n, T, H, D, C, BD), Y.to(dq.dtype.element_ty), boundary_check=(0, 1))
 
-    # Reloaded rather than kept: an fp32 [D, D] tile live across the solver loop costs registers there.
-    H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(tl.float32)
-    H0T = tl.trans(H0).to(dt)
+
+@triton.jit
+def _gka_bwd_fused(
+    q, k, v, g, alpha, h_states, u_states, x_saved, norm_saved, do,
+    dx_buf, dq_direct, dk_part, dv_part, dG_part, dalpha, du_local, dq, y_out,
+    T, H, N, D, DV, scale, ridge, num_iter,
+    ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr,
+    SPLIT: tl.constexpr, INTERPRET: tl.constexpr, RESID: tl.constexpr = 2,
+):
+    """_gka_bwd_readout then _gka_bwd_solve in one program (dx and (1 - alpha) dqt pass through global memory,
+    written and read by the same program: L2-hot). Two programs share an SM, so one's readout overlaps the
+    other's solver loop instead of running as a separate latency-bound launch. Grid (N, B * H)."""
+    _gka_bwd_readout(q, k, v, g, alpha, u_states, x_saved, do, dx_buf, dq_direct, dk_part, dv_part, dG_part,
+                     dalpha, du_local, T, H, N, D, DV, scale, HAS_G, HAS_ALPHA, C, BD, BDV, DOT_PREC)
+    tl.debug_barrier()  # the readout's stores of dx, dq_direct visible to every thread of the program
+    _gka_bwd_solve(k, g, h_states, norm_saved, dx_buf, dq_direct, dq, y_out, T, H, N, D, ridge, num_iter,
+                   ADAPTIVE, HAS_G, HAS_ALPHA, C, BD, DOT_PREC, LEAN, SPLIT, INTERPRET, RESID)
+
+
+@triton.jit
+def _gka_bwd_grads(
+    k, g, h_states, x_saved, norm_saved, y_in, dk_part, dG_part, dh_local,
+    T, H, N, D, ridge,
+    ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """The grads of dA_c = -y_c x_c^T (Y from _gka_bwd_solve) through A_c = E_c H0 + sum_j M[c, j] k_j k_j^T
+    + lam_c I and, in adaptive mode, through lam_c = a ||H_c||_F and the chunk formula for ||H_c||_F^2.
+    Adds to dK and dG of the readout and writes the chunk's dH0 contribution. Grid (N, B * H), 4 warps.
+
+    With s_c = d(loss)/d||H_c||^2 the norm path is dH_c += 2 s_c H_c: dH0 gains 2 sum_c s_c E_c^2 H0
+    + 2 sum_j w_j k_j k_j^T and dk_j gains 4 w_j H0 k_j + 4 ((M^T diag(s) M) * (K K^T)) K, w = M^T (s E)
+    (H0 symmetric). Phases ordered so that at most ~two [C, BD] fp32 tiles are live (a 64-row dot gains
+    nothing from 8 warps: Triton stacks both warpgroups on the same rows); dH0 in two column halves.
+    """
+    n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
+    BH: tl.constexpr = BD // 2
+    K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+    dt = K.dtype
+    G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
+    M = _decay_mask(G, C)
+    E = tl.exp(G)
+    H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(dt)
+    # dE and y . x
     X = _load(_tile(x_saved, b, h, n, T, H, D, C, BD))
     xd = X.to(dt)
+    Y = _load(_tile(y_in, b, h, n, T, H, D, C, BD)).to(tl.float32)
+    yx = tl.sum(Y * X, 1)
+    dE = -tl.sum(Y * tl.dot(xd, tl.trans(H0), input_precision=DOT_PREC), 1)  # -y_c^T H0 x_c
     yd = Y.to(dt)
-    xk = tl.dot(xd, tl.trans(K), input_precision=DOT_PREC)
-    yk = tl.dot(yd, tl.trans(K), input_precision=DOT_PREC)
-    dM = -xk * yk
-    dK = -tl.dot(tl.trans((xk * M).to(dt)), yd, input_precision=DOT_PREC)
-    dK -= tl.dot(tl.trans((yk * M).to(dt)), xd, input_precision=DOT_PREC)
-    dE = -tl.sum(Y * tl.dot(xd, H0T, input_precision=DOT_PREC), 1)  # -y_c^T H0 x_c
-    dh0 = -tl.dot(tl.trans((Y * E[:, None]).to(dt)), xd, input_precision=DOT_PREC)
+    dg_row = tl.zeros_like(E)  # sum_j (dM * M)[c, j] and sum_c (dM * M)[c, j]: dG = row - col + E dE
+    dg_col = tl.zeros_like(E)
     if ADAPTIVE:
         # lam_c = a ||H_c||: d||H_c||^2 = a (-y_c . x_c) / (2 ||H_c||).
-        s = ridge * -tl.sum(Y * X, 1) / (2.0 * norm)
-        sq, h_sq, kh, energy, kk, mp = _sq_norms(H0, K, M, E, DOT_PREC)
+        norm = tl.load(norm_saved + bh * N * C + t)
+        s = ridge * -yx / (2.0 * norm)
+        h_sq = tl.sum(tl.sum(H0.to(tl.float32) * H0.to(tl.float32), 1), 0)
+        energy = tl.sum(tl.dot(K, H0, input_precision=DOT_PREC) * K.to(tl.float32), 1)  # k_j^T H0 k_j
+        kk = tl.dot(K, tl.trans(K), input_precision=DOT_PREC)
+        mp = tl.dot(M, kk * kk, input_precision=DOT_PREC)
+        me = tl.sum(M * energy[None, :], 1)
+        sq = E * E * h_sq + 2.0 * E * me + tl.sum(mp * M, 1)
         s = tl.where(sq >= 0.0, s, 0.0)
-        dE += s * (2.0 * E * h_sq + 2.0 * tl.sum(M * energy[None, :], 1))
+        dE += s * (2.0 * E * h_sq + 2.0 * me)
         w = tl.sum(M * (s * E)[:, None], 0)  # w_j = sum_c s_c E_c M[c, j]
-        kht = tl.dot(K, H0T, input_precision=DOT_PREC)  # row j: (H0 k_j)^T
-        dK += 2.0 * w[:, None] * (kh + kht)
-        dM += 2.0 * s[:, None] * (E[:, None] * energy[None, :] + mp)
+        r = 2.0 * s[:, None] * (E[:, None] * energy[None, :] + mp) * M  # the norm path's dM * M
+        dg_row += tl.sum(r, 1)
+        dg_col += tl.sum(r, 0)
         dp = tl.dot(tl.trans(M * s[:, None]), M, input_precision=DOT_PREC)  # M^T diag(s) M
-        dK += 4.0 * tl.dot((dp * kk).to(dt), K, input_precision=DOT_PREC)
-        kw = (K.to(tl.float32) * w[:, None]).to(dt)
-        dh0 += 2.0 * tl.sum(s * E * E, 0) * H0 + 2.0 * tl.dot(tl.trans(kw), K, input_precision=DOT_PREC)
-    tl.store(_state(dh_local, bh, n, N, D, D, BD, BD), dh0.to(dh_local.dtype.element_ty),
-             boundary_check=(0, 1))
-    R = dM * M
-    dG_ptr = dG_part + bh * N * C + t
-    tl.store(dG_ptr, tl.load(dG_ptr) + tl.sum(R, 1) - tl.sum(R, 0) + E * dE)
+        dpk = (4.0 * dp * kk).to(dt)
+        # dK: 4 w_j H0 k_j + 4 ((M^T diag(s) M) * K K^T) K
+        dK = tl.dot(dpk, K, acc=tl.dot((K.to(tl.float32) * (4.0 * w)[:, None]).to(dt), H0,
+                                       input_precision=DOT_PREC), input_precision=DOT_PREC)
+        c_h0 = 2.0 * tl.sum(s * E * E, 0)
+    else:
+        dK = tl.zeros([C, BD], dtype=tl.float32)
+    xk = tl.dot(xd, tl.trans(K), input_precision=DOT_PREC)
+    yk = tl.dot(yd, tl.trans(K), input_precision=DOT_PREC)
+    r = -xk * yk * M
+    dg_row += tl.sum(r, 1)
+    dg_col += tl.sum(r, 0)
+    dK = tl.dot(tl.trans((-xk * M).to(dt)), yd, acc=dK, input_precision=DOT_PREC)
+    dK = tl.dot(tl.trans((-yk * M).to(dt)), xd, acc=dK, input_precision=DOT_PREC)
     dk_tile = _tile(dk_part, b, h, n, T, H, D, C, BD)
     tl.store(dk_tile, _load(dk_tile) + dK, boundary_check=(0, 1))
+    dG_ptr = dG_part + bh * N * C + t
+    tl.store(dG_ptr, tl.load(dG_ptr) + dg_row - dg_col + E * dE)
+    # dH0 = -(Y E)^T X (+ 2 sum_j w_j k_j k_j^T + 2 sum_c s_c E_c^2 H0), column halves
+    ye = (-Y * E[:, None]).to(dt)
+    if ADAPTIVE:
+        kw = (K.to(tl.float32) * (2.0 * w)[:, None]).to(dt)
+    for half in tl.static_range(2):
+        col0 = half * BH
+        Xh = _load(_tile_at(x_saved, b, h, n, T, H, D, col0, C, BH)).to(dt)
+        dh0 = tl.dot(tl.trans(ye), Xh, input_precision=DOT_PREC)
+        if ADAPTIVE:
+            Kh = _load(_tile_at(k, b, h, n, T, H, D, col0, C, BH))
+            H0h = _load(_state_at(h_states, bh, n, N, D, D, 0, col0, BD, BH)).to(tl.float32)
+            dh0 = tl.dot(tl.trans(kw), Kh, acc=dh0 + c_h0 * H0h, input_precision=DOT_PREC)
+        tl.store(_state_at(dh_local, bh, n, N, D, D, 0, col0, BD, BH), dh0.to(dh_local.dtype.element_ty),
+                 boundary_check=(0, 1))
 
 
 @triton.jit
@@ -484,25 +756,26 @@ def _gka_bwd_carry(
     dt = K.dtype
     G, g_last = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     to_end = tl.exp(g_last - G)
-    Z = _load(_state(dh_end, bh, n, N, D, D, BD, BD)).to(tl.float32)
-    dU = _load(_state(du_end, bh, n, N, DV, D, BDV, BD)).to(tl.float32)
-    kz = tl.dot(K, Z.to(dt), input_precision=DOT_PREC)  # row j: (Z^T k_j)^T
-    kzt = tl.dot(K, tl.trans(Z).to(dt), input_precision=DOT_PREC)  # row j: (Z k_j)^T
-    vdu = tl.dot(V, dU.to(dt), input_precision=DOT_PREC)  # row j: (dU^T v_j)^T
-    kdut = tl.dot(K, tl.trans(dU).to(dt), input_precision=DOT_PREC)  # row j: (dU k_j)^T
-    Kf = K.to(tl.float32)
-    dK = to_end[:, None] * (kz + kzt + vdu)
+    Z = _load(_state(dh_end, bh, n, N, D, D, BD, BD)).to(dt)
+    dU = _load(_state(du_end, bh, n, N, DV, D, BDV, BD)).to(dt)
+    # row j: ((Z + Z^T) k_j)^T (k_j^T Z k_j is half its product with k_j)
+    kzz = tl.dot(K, tl.trans(Z), acc=tl.dot(K, Z, input_precision=DOT_PREC), input_precision=DOT_PREC)
+    vdu = tl.dot(V, dU, input_precision=DOT_PREC)  # row j: (dU^T v_j)^T
+    dK = to_end[:, None] * (kzz + vdu)
     dK += _load(_tile(dk_part, b, h, n, T, H, D, C, BD))
+    tl.store(_tile(dk, b, h, n, T, H, D, C, BD), dK.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    if HAS_G:
+        energy = to_end * tl.sum((0.5 * kzz + vdu) * K.to(tl.float32), 1)  # e^{G_last - G_j} (k^T Z k + v^T dU k)
+    kdut = tl.dot(K, tl.trans(dU), input_precision=DOT_PREC)  # row j: (dU k_j)^T
     dV = to_end[:, None] * kdut
     dV += _load(_tile(dv_part, b, h, n, T, H, DV, C, BDV))
-    tl.store(_tile(dk, b, h, n, T, H, D, C, BD), dK.to(dk.dtype.element_ty), boundary_check=(0, 1))
     tl.store(_tile(dv, b, h, n, T, H, DV, C, BDV), dV.to(dv.dtype.element_ty), boundary_check=(0, 1))
 
     if HAS_G:
-        H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(tl.float32)
-        U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(tl.float32)
-        through_start = tl.exp(g_last) * (tl.sum(tl.sum(Z * H0, 1), 0) + tl.sum(tl.sum(dU * U0, 1), 0))
-        energy = to_end * tl.sum((kz + vdu) * Kf, 1)  # e^{G_last - G_j} (k_j^T Z k_j + v_j^T dU k_j)
+        H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD))
+        U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD))
+        through_start = tl.exp(g_last) * (tl.sum(tl.sum(Z.to(tl.float32) * H0.to(tl.float32), 1), 0)
+                                          + tl.sum(tl.sum(dU.to(tl.float32) * U0.to(tl.float32), 1), 0))
         dG = tl.load(dG_part + bh * N * C + t) - energy
         dG += tl.where(tl.arange(0, C) == C - 1, tl.sum(energy, 0) + through_start, 0.0)
         # g_t enters G_c for every c >= t of the chunk.
