@@ -2,7 +2,8 @@
 
 - one-by-one: `lab train` of one trial (Lightning), the way a plain worker trains;
 - K processes: K such trainings at once (`lab sweep --workers K`, or `--gpus 0 --per-gpu K`);
-- stacked: the cell's M learning rates as one vmapped model (`sweep.stack_lrs=true`, lab/stacked.py).
+- stacked: the cell's M learning rates as one vmapped model (`sweep.stack_lrs=true`, lab/stacked.py);
+- with compile=true also one-by-one and stacked under torch.compile (`trainer.compile=true`).
 
 Each variant trains `steps` steps of one sweep cell (default: the 2-layer attention, d 128, L 256 cell of
 configs/sweeps/mqar_paper.yaml) with one validation at the end, and reports training tokens/s over all
@@ -100,7 +101,8 @@ def full_trial(sweep_file: str, cell: dict) -> tuple[float, int, int]:
 
 
 def bench_sweep(sweep_file: str = str(DEFAULT_SWEEP), cell: dict | None = None, steps: int = 200,
-                members: tuple[int, ...] = (4,), process_counts: tuple[int, ...] = (2, 4)) -> list[dict]:
+                members: tuple[int, ...] = (4,), process_counts: tuple[int, ...] = (2, 4),
+                compile_too: bool = False) -> list[dict]:
     from rich.console import Console
 
     console = Console()
@@ -118,10 +120,13 @@ def bench_sweep(sweep_file: str = str(DEFAULT_SWEEP), cell: dict | None = None, 
                       f"{row['val_s']:.1f} s/validation, ~{row['trials_per_hour']:.0f} trials/hour")
 
     with tempfile.TemporaryDirectory() as tmp:
-        add("one-by-one", 1, one_by_one(cell_config(sweep_file, cell, LRS[0], "one", tmp, steps)))
-        for m in members:
-            add(f"stacked x{m}", m, stacked([cell_config(sweep_file, cell, lr, f"stack{m}-{i}", tmp, steps)
-                                             for i, lr in enumerate(LRS[:m])]))
+        for compiled in (False, True) if compile_too else (False,):
+            cell_now = {**cell, "trainer.compile": compiled}
+            tag = " compiled" if compiled else ""
+            add(f"one-by-one{tag}", 1, one_by_one(cell_config(sweep_file, cell_now, LRS[0], "one", tmp, steps)))
+            for m in members:
+                add(f"stacked x{m}{tag}", m, stacked([cell_config(sweep_file, cell_now, lr, f"stack{m}-{i}", tmp,
+                                                                  steps) for i, lr in enumerate(LRS[:m])]))
         for k in process_counts:
             add(f"{k} process{'es' if k > 1 else ''}", k, processes(k, sweep_file, cell, steps))
     for row in rows:

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["ops", "mixers", "kernels", "sweep"])
     bench.add_argument("--out", default=None, help="write the rows as JSON here")
     bench.add_argument("settings", nargs="*", metavar="key=value",
-                       help="sweep only: sweep=FILE steps=N members=4,8 processes=2,4 and cell keys "
+                       help="sweep only: sweep=FILE steps=N members=4,8 processes=2,4 compile=true and cell keys "
                             "(variant=gka model.d_model=64 task.seq_len=128 ...)")
     bench.set_defaults(handler=cmd_bench)
     return parser
@@ -284,7 +284,7 @@ def bench_sweep_command(settings: list[str]) -> list[dict]:
 
     values = {key: value for key, value in _flat(parse_overrides(settings)).items()}
 
-    def numbers(key: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    def numbers(key: str, default: tuple[int, ...], low: int = 1) -> tuple[int, ...]:
         value = values.pop(key, None)
         if value is None:
             return default
@@ -293,14 +293,17 @@ def bench_sweep_command(settings: list[str]) -> list[dict]:
             parsed = tuple(int(v) for v in items)
         except ValueError:
             raise LabError(f"{key}={value}: give whole numbers, e.g. {key}=2,4") from None
-        if any(n < 1 for n in parsed):
-            raise LabError(f"{key}={value}: every number must be >= 1")
-        return parsed
+        if any(n < low for n in parsed):
+            raise LabError(f"{key}={value}: every number must be >= {low}")
+        return tuple(n for n in parsed if n)  # processes=0: no multi-process variant
 
     sweep_file = str(values.pop("sweep", DEFAULT_SWEEP))
     (steps,) = numbers("steps", (200,))
+    compile_too = values.pop("compile", False)
+    if not isinstance(compile_too, bool):
+        raise LabError(f"compile={compile_too}: true or false")
     rows = bench_sweep(sweep_file, cell=values, steps=steps, members=numbers("members", (4,)),
-                       process_counts=numbers("processes", (2, 4)))
+                       process_counts=numbers("processes", (2, 4), low=0), compile_too=compile_too)
     console().print(markdown_rows(rows))
     return rows
 

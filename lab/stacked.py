@@ -110,9 +110,6 @@ def check_stackable(runs: list[RunConfig]) -> None:
             raise LabError(f"stacked runs may differ only in {', '.join(MEMBER_KEYS)}; run {index} also changes "
                            f"{', '.join(differing[:4])}")
     trainer = runs[0].trainer
-    if trainer.compile:
-        raise LabError("trainer.compile=true: stacked training does not compile its vmapped model; "
-                       "set trainer.compile=false")
     if trainer.devices != 1 or trainer.strategy != "auto":
         raise LabError("stacked training runs in one process on one device (trainer.devices=1, strategy=auto)")
     if trainer.precision not in (*FULL_PRECISION, *AUTOCAST):
@@ -161,6 +158,8 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     base = models[0].to(device)  # gives the code; the stacked tensors replace its weights in each call
     logits_of = vmap(lambda p, b, inputs, index: functional_call(base, (p, b), (inputs, index)),
                      in_dims=(0, 0, None, None))
+    if cfg.compile:
+        logits_of = torch.compile(logits_of)
 
     optimizer = StackedAdamW(params, cfg.betas, cfg.weight_decay)
     base_lr = torch.tensor([run.trainer.lr for run in runs], device=device)

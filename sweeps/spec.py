@@ -242,9 +242,6 @@ def load_sweep(path: str, overrides: list[str] = ()) -> Sweep:
     base_run = load_config([], [], base=run)
     sweep = Sweep(cfg=cfg, run=run, base_flat=flat(to_dict(base_run)), runs_dir=base_run.runs_dir, axes=_axes(cfg))
     _check_runs(sweep)
-    if cfg.stack_lrs and sweep.base_flat["trainer.compile"]:
-        raise LabError("sweep.stack_lrs=true with trainer.compile=true: stacked models are not compiled; "
-                       "drop one of them")
     return sweep
 
 
