@@ -138,6 +138,9 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     cfg = first.trainer
     datamodule = TaskDataModule(first)  # every member sees the same data: it depends on the seed only
     device = pick_device(cfg.accelerator)
+    if device.type == "cuda" and first.model.name == "gka" and first.model.backend in ("auto", "triton"):
+        raise LabError("stacked GKA on a GPU: the Triton op has no vmap rule yet; set model.backend=torch "
+                       "(slower kernels) or train the lrs one by one (sweep.stack_lrs=false)")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     models, members = [], []
