@@ -109,3 +109,25 @@ def test_lab_bench_sweep_runs_every_variant(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and r["trials_per_hour"] > 0 for r in rows)
     assert main(["bench", "sweep", "members=0"]) == 2
     assert "every number must be >= 1" in capsys.readouterr().err
+
+
+def test_cells_that_cannot_stack_train_one_by_one(tmp_path, monkeypatch, single_thread):
+    """GKA on a GPU can't stack yet: such a cell's lrs go through the plain worker, the others still stack."""
+    from sweeps import stacking
+    from sweeps.spec import load_sweep
+    from sweeps.study import create_or_load
+    from sweeps.worker import finished
+
+    config = write_sweep(tmp_path, {"study": "mixed", "lrs": [1e-3, 1e-2], "stack_lrs": True,
+                                    "variants": {"attention": {"model.name": "attention"},
+                                                 "gka": {"model.name": "gka", "model.num_iter": 2}}})
+    sweep = load_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    study = create_or_load(sweep, create=True)
+    monkeypatch.setattr(stacking, "unstackable", lambda run: "no vmap rule" if run.model.name == "gka" else None)
+    while not finished(sweep, study):
+        stacking.train_cell_stack(sweep, study, threads=1)
+    complete = by_state(study.get_trials(), TrialState.COMPLETE)
+    stacked = [t for t in complete if "stacked_with" in t.user_attrs]
+    alone = [t for t in complete if "stacked_with" not in t.user_attrs]
+    assert len(complete) == 4 and {t.params["variant"] for t in stacked} == {"attention"} and len(stacked) == 2
+    assert {t.params["variant"] for t in alone} == {"gka"} and len(alone) == 2
