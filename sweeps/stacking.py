@@ -85,7 +85,7 @@ def _train_alone(sweep: Sweep, study: optuna.Study, trial: Trial, threads: int) 
     """The plain worker's objective for one trial, told as study.optimize would."""
     beat = _Heartbeat(study._storage, [trial._trial_id], sweep.cfg.heartbeat_interval)
     try:
-        _tell(study, trial, objective(sweep, study, trial, threads))
+        _tell(study, trial, objective(sweep, trial, threads))
     except optuna.TrialPruned:
         _tell(study, trial, state=TrialState.PRUNED)
     except Exception:  # noqa: BLE001 - objective recorded the reason; the study goes on

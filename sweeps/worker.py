@@ -56,7 +56,7 @@ class StepPruning(PyTorchLightningPruningCallback):
             trainer.should_stop = True
 
 
-def objective(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, threads: int) -> float:
+def objective(sweep: Sweep, trial: optuna.Trial, threads: int) -> float:
     overrides, owner = describe_trial(trial, sweep)
     if owner is not None:
         trial.set_user_attr("duplicate_of", owner.number)
@@ -182,7 +182,7 @@ def work(sweep_file: str, index: int, threads: int) -> None:
             train_cell_stack(sweep, study, threads)
             continue
         # one trial per call: the stop test above sees other workers' trials and re-queued ones
-        study.optimize(lambda trial: objective(sweep, study, trial, threads), n_trials=1, catch=(Exception,))
+        study.optimize(lambda trial: objective(sweep, trial, threads), n_trials=1, catch=(Exception,))
     print(json.dumps({"worker": index, "done": True}), flush=True)
 
 
