@@ -76,7 +76,9 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     # them to it for the products anyway; the scans accumulate in fp32 registers). Measured on the H200
     # (2026-11-30, run_all's sweep): part of the fastest setting at 1 x 32768 x 8 x 128 bf16 (12.7 vs 14.0 ms).
     cfg = {"fwd_lean": False, "bwd_lean": low, "split": low, "low_states": low, "solver": "halves",
-           "read_split": low, "bwd_fuse": False}  # bwd_fuse: readout + solve in one launch, 0.5 ms slower (v6)
+           "read_split": low, "bwd_fuse": False,  # bwd_fuse: readout + solve in one launch, 0.5 ms slower (v6)
+           "scan": "elem", "scan_block": 512, "scan_depth": 8, "scan_elem_warps": 4, "contrib_warps": 8,
+           "grads_split": True, "grads2_warps": 8, "readout_split": True, "readout2_warps": 4}
     if interpreting():
         cfg |= {"fwd_warps": 4, "bwd_warps": 4, "grads_warps": 4, "readout_warps": 4, "carry_warps": 4,
                 "scan_rows": 16, "scan_warps": 4, "scan_bwd_warps": 4}
@@ -93,6 +95,21 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
             "scan_bwd_warps": 8,
         }
     return cfg | LAUNCH_OVERRIDES
+
+
+def _scan_elem(h_buf, u_buf, g32, h_init, u_init, h_out, u_out, cfg, chunk_size, reverse):
+    """kernels._state_scan_elem over the [B, H, N, rows, Dk] buffers (in place), H's and U's in one launch."""
+    batch, heads, num_chunks, key_dim = h_buf.shape[:4]
+    value_dim = u_buf.shape[3]
+    block = min(cfg["scan_block"], triton.next_power_of_2(key_dim * max(key_dim, value_dim)))
+    grid = (triton.cdiv(key_dim**2, block) + triton.cdiv(value_dim * key_dim, block), batch * heads)
+    seq_len = g32.shape[1] if g32 is not None else num_chunks * chunk_size
+    K._state_scan_elem[grid](
+        h_buf, u_buf, h_out if g32 is None else g32, h_out if h_init is None else h_init,
+        u_out if u_init is None else u_init, h_out, u_out, seq_len, heads, num_chunks, key_dim, value_dim,
+        HAS_G=g32 is not None, HAS_INIT=h_init is not None, REVERSE=reverse, C=chunk_size, BLOCK=block,
+        DEPTH=cfg["scan_depth"], INTERPRET=interpreting(), num_warps=cfg["scan_elem_warps"],
+    )
 
 
 def _resid_mode(cfg: dict, block_dim: int) -> int:
@@ -129,30 +146,40 @@ class _TritonGKA(torch.autograd.Function):
         u_final = torch.empty(batch, heads, value_dim, key_dim, **f32)
         x = torch.empty(batch, seq_len, heads, key_dim, **f32)
         norm = torch.empty(batch, heads, num_chunks * chunk_size, **f32)
+        # per token k^T H0 k and per chunk ||H0||^2 (forward), then w and H0's coefficient (_gka_bwd_grads)
+        stats = torch.empty(batch, heads, 2 * (num_chunks * chunk_size + num_chunks), **f32)
         o = torch.empty(batch, seq_len, heads, value_dim, device=q.device, dtype=q.dtype)
         bd, bdv = _block(key_dim), _block(value_dim)
         prec = _dot_precision(q.dtype)
         dummy = x  # stands in for absent optional tensors (never read: the HAS_* flags are off)
 
-        rows = cfg["scan_rows"]
-        grid = (triton.cdiv(key_dim, rows) + triton.cdiv(value_dim, rows), batch * heads)
-        K._state_scan_fwd[grid](
-            k, v, dummy if g32 is None else g32, dummy if h0_32 is None else h0_32,
-            dummy if u0_32 is None else u0_32, h_states, u_states, h_final, u_final,
-            seq_len, heads, num_chunks, key_dim, value_dim,
-            HAS_G=g32 is not None, HAS_S0=h0_32 is not None, STORE_FINAL=True,
-            C=chunk_size, BR=rows, BD=bd, DOT_PREC=prec, INTERPRET=interpreting(), num_warps=cfg["scan_warps"],
-        )
+        if cfg["scan"] == "elem":  # chunk-parallel contributions, then an elementwise scan over the chunks
+            K._chunk_contrib[(num_chunks, batch * heads)](
+                k, v, dummy if g32 is None else g32, h_states, u_states,
+                seq_len, heads, num_chunks, key_dim, value_dim,
+                HAS_G=g32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["contrib_warps"],
+            )
+            _scan_elem(h_states, u_states, g32, h0_32, u0_32, h_final, u_final, cfg, chunk_size, reverse=False)
+        else:
+            rows = cfg["scan_rows"]
+            grid = (triton.cdiv(key_dim, rows) + triton.cdiv(value_dim, rows), batch * heads)
+            K._state_scan_fwd[grid](
+                k, v, dummy if g32 is None else g32, dummy if h0_32 is None else h0_32,
+                dummy if u0_32 is None else u0_32, h_states, u_states, h_final, u_final,
+                seq_len, heads, num_chunks, key_dim, value_dim,
+                HAS_G=g32 is not None, HAS_S0=h0_32 is not None, STORE_FINAL=True,
+                C=chunk_size, BR=rows, BD=bd, DOT_PREC=prec, INTERPRET=interpreting(), num_warps=cfg["scan_warps"],
+            )
         K._gka_fwd_chunk[(num_chunks, batch * heads)](
             q, k, v, dummy if g32 is None else g32, dummy if a32 is None else a32,
-            h_states, u_states, x, o, norm,
+            h_states, u_states, x, o, norm, stats,
             seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
             ADAPTIVE=adaptive, HAS_G=g32 is not None, HAS_ALPHA=a32 is not None,
             C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, LEAN=cfg["fwd_lean"], SPLIT=cfg["split"],
             INTERPRET=interpreting(), RESID=_resid_mode(cfg, bd), READ_SPLIT=cfg["read_split"] and low,
             num_warps=cfg["fwd_warps"],
         )
-        ctx.save_for_backward(q, k, v, g32, a32, h_states, u_states, x, norm)
+        ctx.save_for_backward(q, k, v, g32, a32, h_states, u_states, x, norm, stats)
         ctx.options = (ridge, adaptive, num_iter, scale, chunk_size)
         ctx.cfg = cfg
         ctx.input_dtypes = tuple(None if t is None else t.dtype for t in (g, alpha, h0, u0))
@@ -161,7 +188,7 @@ class _TritonGKA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dh_final, du_final):
-        q, k, v, g32, a32, h_states, u_states, x, norm = ctx.saved_tensors
+        q, k, v, g32, a32, h_states, u_states, x, norm, stats = ctx.saved_tensors
         ridge, adaptive, num_iter, scale, chunk_size = ctx.options
         batch, seq_len, heads, key_dim = q.shape
         value_dim = v.shape[-1]
@@ -208,34 +235,43 @@ class _TritonGKA(torch.autograd.Function):
                 BDV=bdv, **solve_flags, num_warps=cfg["bwd_warps"],
             )
         else:
-            K._gka_bwd_readout[grid](
-                *readout_args, *readout_outs, seq_len, heads, num_chunks, key_dim, value_dim, float(scale),
-                HAS_G=has_g, HAS_ALPHA=a32 is not None,
-                C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["readout_warps"],
-            )
+            for part in (1, 2) if cfg["readout_split"] else (0,):
+                K._gka_bwd_readout[grid](
+                    *readout_args, *readout_outs, seq_len, heads, num_chunks, key_dim, value_dim, float(scale),
+                    HAS_G=has_g, HAS_ALPHA=a32 is not None,
+                    C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PART=part,
+                    num_warps=cfg["readout_warps"] if part < 2 else cfg["readout2_warps"],
+                )
             K._gka_bwd_solve[grid](
                 k, gp, h_states, norm, dx, dq_direct, dq, y,
                 seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
                 **solve_flags, num_warps=cfg["bwd_warps"],
             )
-        K._gka_bwd_grads[grid](
-            k, gp, h_states, x, norm, y, dk_part, dG_part, dh_buf,
-            seq_len, heads, num_chunks, key_dim, float(ridge),
-            ADAPTIVE=adaptive, HAS_G=has_g, C=chunk_size, BD=bd, DOT_PREC=prec, num_warps=cfg["grads_warps"],
-        )
+        for part in (1, 2) if cfg["grads_split"] else (0,):
+            K._gka_bwd_grads[grid](
+                k, gp, h_states, x, norm, stats, y, dk_part, dG_part, dh_buf,
+                seq_len, heads, num_chunks, key_dim, float(ridge),
+                ADAPTIVE=adaptive, HAS_G=has_g, C=chunk_size, BD=bd, DOT_PREC=prec, PART=part,
+                num_warps=cfg["grads_warps"] if part < 2 else cfg["grads2_warps"],
+            )
         del y
         block = min(1024, triton.next_power_of_2(key_dim * max(key_dim, value_dim)))
         has_final = dh_final is not None or du_final is not None
         if has_final:
             dh_final = torch.zeros_like(dh0) if dh_final is None else dh_final.float().contiguous()
             du_final = torch.zeros_like(du0) if du_final is None else du_final.float().contiguous()
-        K._state_scan_bwd[(triton.cdiv(key_dim**2, block) + triton.cdiv(value_dim * key_dim, block), batch * heads)](
-            dh_buf, du_buf, gp,
-            dh_final if has_final else dummy, du_final if has_final else dummy,
-            dh0, du0, seq_len, heads, num_chunks, key_dim, value_dim,
-            HAS_G=has_g, HAS_FINAL=has_final, C=chunk_size, BLOCK=block, INTERPRET=interpreting(),
-            num_warps=cfg["scan_bwd_warps"],
-        )
+        if cfg["scan"] == "elem":
+            _scan_elem(dh_buf, du_buf, g32, dh_final if has_final else None, du_final if has_final else None,
+                       dh0, du0, cfg, chunk_size, reverse=True)
+        else:
+            K._state_scan_bwd[(triton.cdiv(key_dim**2, block) + triton.cdiv(value_dim * key_dim, block),
+                               batch * heads)](
+                dh_buf, du_buf, gp,
+                dh_final if has_final else dummy, du_final if has_final else dummy,
+                dh0, du0, seq_len, heads, num_chunks, key_dim, value_dim,
+                HAS_G=has_g, HAS_FINAL=has_final, C=chunk_size, BLOCK=block, INTERPRET=interpreting(),
+                num_warps=cfg["scan_bwd_warps"],
+            )
         K._gka_bwd_carry[(num_chunks, batch * heads)](
             k, v, gp, h_states, u_states, dh_buf, du_buf, dk_part, dv_part, dG_part,
             dk, dv, dg if dg is not None else dummy,

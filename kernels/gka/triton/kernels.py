@@ -345,8 +345,133 @@ def _state_scan_fwd(
 
 
 @triton.jit
+def _chunk_contrib(
+    k, v, g, h_states, u_states, T, H, N, D, DV,
+    HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Chunk-parallel half of the forward state scan: writes chunk n's own contributions to the next start
+    states, (K * e^{G_last - G})^T K into h_states[n] and (V * e^{G_last - G})^T K into u_states[n]
+    (_state_scan_elem then turns them into the start states in place). Grid (N, B * H)."""
+    n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
+    K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+    G, g_last = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
+    to_end = tl.exp(g_last - G)
+    kd = (K.to(tl.float32) * to_end[:, None]).to(K.dtype)
+    tl.store(_state(h_states, bh, n, N, D, D, BD, BD),
+             tl.dot(tl.trans(kd), K, input_precision=DOT_PREC).to(h_states.dtype.element_ty), boundary_check=(0, 1))
+    V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
+    vd = (V.to(tl.float32) * to_end[:, None]).to(K.dtype)
+    tl.store(_state(u_states, bh, n, N, DV, D, BDV, BD),
+             tl.dot(tl.trans(vd), K, input_precision=DOT_PREC).to(u_states.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _affine_then(a1, b1, a2, b2):
+    """x -> a1 x + b1, then x -> a2 x + b2."""
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _chunk_gate_total(g, chunks, N, T, H, b, h, HAS_G: tl.constexpr, C: tl.constexpr):
+    """e^{G_last} of each chunk in `chunks` (a [R] tensor; 1 for chunks outside [0, N))."""
+    if HAS_G:
+        tok = chunks[:, None] * C + tl.arange(0, C)[None, :]
+        valid = (chunks >= 0) & (chunks < N)
+        gt = tl.load(g + (b * T + tok) * H + h, mask=valid[:, None] & (tok < T), other=0.0).to(tl.float32)
+        return tl.exp(tl.sum(gt, 1))
+    else:
+        return tl.full(chunks.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _scan_elem_group(p0, carry, base, g, offs, mask, T, H, N, SIZE, b, h, HAS_G: tl.constexpr,
+                     REVERSE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, DEPTH: tl.constexpr):
+    """Walk positions p0 .. p0 + DEPTH - 1 of _state_scan_elem; returns the carry after them."""
+    rows = tl.arange(0, DEPTH)
+    pos = p0 + rows  # walk positions of this group
+    prev = pos - 1  # row i applies the map of the chunk at walk position pos - 1 (row 0: identity)
+    prev_ok = (rows >= 1) & (prev < N)
+    if REVERSE:
+        chunk = N - 1 - pos
+        prev_chunk = N - 1 - prev
+    else:
+        chunk = pos
+        prev_chunk = prev
+    lp = tl.load(base + prev_chunk[:, None] * SIZE + offs[None, :], mask=prev_ok[:, None] & mask[None, :],
+                 other=0.0).to(tl.float32)
+    ep = _chunk_gate_total(g, tl.where(prev_ok, prev_chunk, -1), N, T, H, b, h, HAS_G, C)
+    last_pos = p0 + DEPTH - 1
+    if REVERSE:
+        last_chunk = N - 1 - last_pos
+    else:
+        last_chunk = last_pos
+    l_last = tl.load(base + last_chunk * SIZE + offs, mask=mask & (last_pos < N), other=0.0).to(tl.float32)
+    e_last = tl.sum(tl.where(rows == 0, _chunk_gate_total(g, tl.where(rows == 0, last_chunk, -1), N, T, H, b,
+                                                           h, HAS_G, C), 0.0), 0)
+    ea, eb = tl.associative_scan((tl.broadcast_to(ep[:, None], [DEPTH, BLOCK]), lp), 0, _affine_then)
+    excl = ea * carry[None, :] + eb  # the value before this row's chunk
+    tl.debug_barrier()  # every load of the group done before its stores (rows i and i - 1 share a chunk)
+    tl.store(base + chunk[:, None] * SIZE + offs[None, :], excl.to(base.dtype.element_ty),
+             mask=(pos < N)[:, None] & mask[None, :])
+    v_last = tl.sum(tl.where((rows == DEPTH - 1)[:, None], excl, 0.0), 0)
+    carry = tl.where(last_pos < N, e_last * v_last + l_last, v_last)
+    return carry
+
+
+@triton.jit
+def _state_scan_elem(
+    h_buf, u_buf, g, h_init, u_init, h_out, u_out, T, H, N, D, DV,
+    HAS_G: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
+    DEPTH: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Exclusive linear scan over the chunks, in place, elementwise over [B, H, N, rows, Dk] buffers of
+    per-chunk contributions l_n (H's and U's in one launch), walking n = 0..N-1 (or N-1..0 if REVERSE):
+    v = init; for each n: buf[n] <- v; v <- e^{G_last,n} v + l_n; out <- v.
+    Forward: l_n = chunk n's own state contribution, buf[n] <- its start state, out = final state.
+    Backward: l_n = the chunk's local state gradient, buf[n] <- the gradient at its end, out = grad of the
+    initial state. DEPTH chunks at a time: their loads all go out before one associative scan over them
+    (row i of a group carries the map of the chunk before it, so every load of a group is of a chunk the
+    group itself overwrites afterwards). Grid (blocks of H's then U's elements, B * H).
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    num_h_blocks = tl.cdiv(D * D, BLOCK)
+    if pid < num_h_blocks:
+        buf = h_buf
+        init = h_init
+        out = h_out
+        SIZE = D * D
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    else:
+        buf = u_buf
+        init = u_init
+        out = u_out
+        SIZE = DV * D
+        offs = (pid - num_h_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < SIZE
+    base = buf + bh * N * SIZE
+    if HAS_INIT:
+        carry = tl.load(init + bh * SIZE + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK], dtype=tl.float32)
+    if INTERPRET:
+        p0 = 0
+        while p0 < N:
+            carry = _scan_elem_group(p0, carry, base, g, offs, mask, T, H, N, SIZE, b, h, HAS_G, REVERSE, C, BLOCK,
+                                     DEPTH)
+            p0 += DEPTH
+    else:
+        for p0 in range(0, N, DEPTH):
+            carry = _scan_elem_group(p0, carry, base, g, offs, mask, T, H, N, SIZE, b, h, HAS_G, REVERSE, C, BLOCK,
+                                     DEPTH)
+    tl.store(out + bh * SIZE + offs, carry, mask=mask)
+
+
+@triton.jit
 def _gka_fwd_chunk(
-    q, k, v, g, alpha, h_states, u_states, x_out, o, norm_out,
+    q, k, v, g, alpha, h_states, u_states, x_out, o, norm_out, stats_out,
     T, H, N, D, DV, scale, ridge, num_iter,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr,
@@ -366,7 +491,11 @@ def _gka_fwd_chunk(
     E = tl.exp(G)
     H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD))
 
-    sq, _, _, _, _, _ = _sq_norms(H0, K, M, E, DOT_PREC)
+    sq, h_sq, _, energy, _, _ = _sq_norms(H0, K, M, E, DOT_PREC)
+    # for _gka_bwd_grads: k_j^T H0 k_j per token, ||H0||^2 per chunk
+    stats = stats_out + bh * 2 * (N * C + N)
+    tl.store(stats + t, energy)
+    tl.store(stats + N * C + n, h_sq)
     norm = tl.sqrt(tl.maximum(sq, 0.0) + NORM_EPS_SQ)
     if ADAPTIVE:
         lam = ridge * norm
@@ -474,12 +603,14 @@ def _gka_bwd_readout(
     dx_out, dq_direct, dk_part, dv_part, dG_part, dalpha, du_local,
     T, H, N, D, DV, scale,
     HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr,
+    C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, PART: tl.constexpr = 0,
 ):
     """Backward of the readout o = scale (((qt K^T) * M) V + E * (qt U0^T)) and of qt = q + alpha (x - q).
 
     dqt = scale (((dO V^T) * M) K + E * (dO U0)); writes dx = alpha dqt (the right-hand side of the second
     solve), (1 - alpha) dqt, dalpha, the readout's dK, dV and dG, and the chunk's dU0 contribution.
+    PART 1: dx, (1 - alpha) dqt, dalpha, dG; PART 2: dV, dK, dU0 (recomputing qt, dO V^T, qt K^T): two
+    launches with fewer live tiles.
     """
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
     K = _load(_tile(k, b, h, n, T, H, D, C, BD))
@@ -487,39 +618,47 @@ def _gka_bwd_readout(
     G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     M = _decay_mask(G, C)
     E = tl.exp(G)
+    # Ordered so that at most ~three [C, BD] fp32 tiles are live (v5's order spilled 9 kB a thread).
     X = _load(_tile(x_saved, b, h, n, T, H, D, C, BD))
     if HAS_ALPHA:
-        Q = _load(_tile(q, b, h, n, T, H, D, C, BD)).to(tl.float32)
         a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
-        qt = Q + a[:, None] * (X - Q)
+        Q = _load(_tile(q, b, h, n, T, H, D, C, BD)).to(tl.float32)
+        xq = X - Q
+        qt = Q + a[:, None] * xq
     else:
         qt = X
-    V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
     dO = _load(_tile(do, b, h, n, T, H, DV, C, BDV))
-    U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(dt)
-
     qtd = qt.to(dt)
+    V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
     dov = tl.dot(dO, tl.trans(V), input_precision=DOT_PREC) * M  # (dO V^T) * M
-    do_u0 = tl.dot(dO, U0, input_precision=DOT_PREC)  # row c: (U0^T do_c)^T
-    dqt = scale * tl.dot(dov.to(dt), K, acc=E[:, None] * do_u0, input_precision=DOT_PREC)
+    if PART != 2:
+        do_u0 = tl.dot(dO, _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(dt), input_precision=DOT_PREC)
+        dE = scale * tl.sum(do_u0 * qt, 1)  # row c: (U0^T do_c)^T . qt_c
+        dqt = scale * tl.dot(dov.to(dt), K, acc=E[:, None] * do_u0, input_precision=DOT_PREC)
+        if HAS_ALPHA:
+            dx = a[:, None] * dqt
+            tl.store(dalpha + (b * T + t) * H + h, tl.sum(dqt * xq, 1), mask=tmask)
+            tl.store(_tile(dq_direct, b, h, n, T, H, D, C, BD), dqt - dx, boundary_check=(0, 1))
+        else:
+            dx = dqt
+        tl.store(_tile(dx_out, b, h, n, T, H, D, C, BD), dx.to(dx_out.dtype.element_ty), boundary_check=(0, 1))
     scores = tl.dot(qtd, tl.trans(K), input_precision=DOT_PREC)  # qt K^T
-    dV = scale * tl.dot(tl.trans((scores * M).to(dt)), dO, input_precision=DOT_PREC)
-    tl.store(_tile(dv_part, b, h, n, T, H, DV, C, BDV), dV, boundary_check=(0, 1))
-    dK = scale * tl.dot(tl.trans(dov.to(dt)), qtd, input_precision=DOT_PREC)
-    tl.store(_tile(dk_part, b, h, n, T, H, D, C, BD), dK, boundary_check=(0, 1))
-    R = scale * dov * scores  # dM * M of the readout (dov carries M)
-    dE = scale * tl.sum(do_u0 * qt, 1)
-    tl.store(dG_part + bh * N * C + t, tl.sum(R, 1) - tl.sum(R, 0) + E * dE)
-    du0 = scale * tl.dot(tl.trans((dO.to(tl.float32) * E[:, None]).to(dt)), qtd, input_precision=DOT_PREC)
-    du0 = du0.to(du_local.dtype.element_ty)
-    tl.store(_state(du_local, bh, n, N, DV, D, BDV, BD), du0, boundary_check=(0, 1))
-    if HAS_ALPHA:
-        dx = a[:, None] * dqt
-        tl.store(dalpha + (b * T + t) * H + h, tl.sum(dqt * (X - Q), 1), mask=tmask)
-        tl.store(_tile(dq_direct, b, h, n, T, H, D, C, BD), dqt - dx, boundary_check=(0, 1))
-    else:
-        dx = dqt
-    tl.store(_tile(dx_out, b, h, n, T, H, D, C, BD), dx.to(dx_out.dtype.element_ty), boundary_check=(0, 1))
+    if PART != 2:
+        R = scale * dov * scores  # dM * M of the readout (dov carries M)
+        tl.store(dG_part + bh * N * C + t, tl.sum(R, 1) - tl.sum(R, 0) + E * dE)
+    if PART != 1:
+        dV = scale * tl.dot(tl.trans((scores * M).to(dt)), dO, input_precision=DOT_PREC)
+        tl.store(_tile(dv_part, b, h, n, T, H, DV, C, BDV), dV, boundary_check=(0, 1))
+        dK = scale * tl.dot(tl.trans(dov.to(dt)), qtd, input_precision=DOT_PREC)
+        tl.store(_tile(dk_part, b, h, n, T, H, D, C, BD), dK, boundary_check=(0, 1))
+        # dU0 = scale (dO * E)^T qt in two row halves ([BDV/2, BD] fp32 each: the full [BDV, BD] tile alone took
+        # half the registers at 4 warps and spilled)
+        BVH: tl.constexpr = BDV // 2
+        for half in tl.static_range(2):
+            dOh = _load(_tile_at(do, b, h, n, T, H, DV, half * BVH, C, BVH))
+            du0 = scale * tl.dot(tl.trans((dOh.to(tl.float32) * E[:, None]).to(dt)), qtd, input_precision=DOT_PREC)
+            tl.store(_state_at(du_local, bh, n, N, DV, D, half * BVH, 0, BVH, BD),
+                     du0.to(du_local.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -590,13 +729,15 @@ def _gka_bwd_fused(
 
 @triton.jit
 def _gka_bwd_grads(
-    k, g, h_states, x_saved, norm_saved, y_in, dk_part, dG_part, dh_local,
+    k, g, h_states, x_saved, norm_saved, stats, y_in, dk_part, dG_part, dh_local,
     T, H, N, D, ridge,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    PART: tl.constexpr = 0,
 ):
     """The grads of dA_c = -y_c x_c^T (Y from _gka_bwd_solve) through A_c = E_c H0 + sum_j M[c, j] k_j k_j^T
     + lam_c I and, in adaptive mode, through lam_c = a ||H_c||_F and the chunk formula for ||H_c||_F^2.
-    Adds to dK and dG of the readout and writes the chunk's dH0 contribution. Grid (N, B * H), 4 warps.
+    Adds to dK and dG of the readout and writes the chunk's dH0 contribution. Grid (N, B * H).
+    PART 1: all but dH0 (w and the H0 coefficient go to stats); PART 2: dH0 only (two lighter launches).
 
     With s_c = d(loss)/d||H_c||^2 the norm path is dH_c += 2 s_c H_c: dH0 gains 2 sum_c s_c E_c^2 H0
     + 2 sum_j w_j k_j k_j^T and dk_j gains 4 w_j H0 k_j + 4 ((M^T diag(s) M) * (K K^T)) K, w = M^T (s E)
@@ -605,70 +746,83 @@ def _gka_bwd_grads(
     """
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
     BH: tl.constexpr = BD // 2
-    K = _load(_tile(k, b, h, n, T, H, D, C, BD))
-    dt = K.dtype
     G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
-    M = _decay_mask(G, C)
     E = tl.exp(G)
-    H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(dt)
-    # dE and y . x
-    X = _load(_tile(x_saved, b, h, n, T, H, D, C, BD))
-    xd = X.to(dt)
-    Y = _load(_tile(y_in, b, h, n, T, H, D, C, BD)).to(tl.float32)
-    yx = tl.sum(Y * X, 1)
-    dE = -tl.sum(Y * tl.dot(xd, tl.trans(H0), input_precision=DOT_PREC), 1)  # -y_c^T H0 x_c
-    yd = Y.to(dt)
-    dg_row = tl.zeros_like(E)  # sum_j (dM * M)[c, j] and sum_c (dM * M)[c, j]: dG = row - col + E dE
-    dg_col = tl.zeros_like(E)
-    if ADAPTIVE:
-        # lam_c = a ||H_c||: d||H_c||^2 = a (-y_c . x_c) / (2 ||H_c||).
-        norm = tl.load(norm_saved + bh * N * C + t)
-        s = ridge * -yx / (2.0 * norm)
-        h_sq = tl.sum(tl.sum(H0.to(tl.float32) * H0.to(tl.float32), 1), 0)
-        energy = tl.sum(tl.dot(K, H0, input_precision=DOT_PREC) * K.to(tl.float32), 1)  # k_j^T H0 k_j
-        kk = tl.dot(K, tl.trans(K), input_precision=DOT_PREC)
-        mp = tl.dot(M, kk * kk, input_precision=DOT_PREC)
-        me = tl.sum(M * energy[None, :], 1)
-        sq = E * E * h_sq + 2.0 * E * me + tl.sum(mp * M, 1)
-        s = tl.where(sq >= 0.0, s, 0.0)
-        dE += s * (2.0 * E * h_sq + 2.0 * me)
-        w = tl.sum(M * (s * E)[:, None], 0)  # w_j = sum_c s_c E_c M[c, j]
-        r = 2.0 * s[:, None] * (E[:, None] * energy[None, :] + mp) * M  # the norm path's dM * M
+    sbase = stats + bh * 2 * (N * C + N)  # energy (N C), ||H0||^2 (N), w (N C), H0's coefficient (N)
+    if PART != 2:
+        K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+        dt = K.dtype
+        M = _decay_mask(G, C)
+        H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD)).to(dt)
+        # dE and y . x
+        X = _load(_tile(x_saved, b, h, n, T, H, D, C, BD))
+        xd = X.to(dt)
+        Y = _load(_tile(y_in, b, h, n, T, H, D, C, BD)).to(tl.float32)
+        yx = tl.sum(Y * X, 1)
+        dE = -tl.sum(Y * tl.dot(xd, tl.trans(H0), input_precision=DOT_PREC), 1)  # -y_c^T H0 x_c
+        yd = Y.to(dt)
+        dg_row = tl.zeros_like(E)  # sum_j (dM * M)[c, j] and sum_c (dM * M)[c, j]: dG = row - col + E dE
+        dg_col = tl.zeros_like(E)
+        if ADAPTIVE:
+            # lam_c = a ||H_c||: d||H_c||^2 = a (-y_c . x_c) / (2 ||H_c||).
+            norm = tl.load(norm_saved + bh * N * C + t)
+            s = ridge * -yx / (2.0 * norm)
+            energy = tl.load(sbase + t)  # k_j^T H0 k_j, from the forward
+            h_sq = tl.load(sbase + N * C + n)  # ||H0||^2
+            kk = tl.dot(K, tl.trans(K), input_precision=DOT_PREC)
+            mp = tl.dot(M, kk * kk, input_precision=DOT_PREC)
+            me = tl.sum(M * energy[None, :], 1)
+            sq = E * E * h_sq + 2.0 * E * me + tl.sum(mp * M, 1)
+            s = tl.where(sq >= 0.0, s, 0.0)
+            dE += s * (2.0 * E * h_sq + 2.0 * me)
+            w = tl.sum(M * (s * E)[:, None], 0)  # w_j = sum_c s_c E_c M[c, j]
+            r = 2.0 * s[:, None] * (E[:, None] * energy[None, :] + mp) * M  # the norm path's dM * M
+            dg_row += tl.sum(r, 1)
+            dg_col += tl.sum(r, 0)
+            dp = tl.dot(tl.trans(M * s[:, None]), M, input_precision=DOT_PREC)  # M^T diag(s) M
+            dpk = (4.0 * dp * kk).to(dt)
+            # dK: 4 w_j H0 k_j + 4 ((M^T diag(s) M) * K K^T) K
+            dK = tl.dot(dpk, K, acc=tl.dot((K.to(tl.float32) * (4.0 * w)[:, None]).to(dt), H0,
+                                           input_precision=DOT_PREC), input_precision=DOT_PREC)
+            c_h0 = 2.0 * tl.sum(s * E * E, 0)
+            if PART == 1:
+                tl.store(sbase + N * C + N + t, w)
+                tl.store(sbase + 2 * N * C + N + n, c_h0)
+        else:
+            dK = tl.zeros([C, BD], dtype=tl.float32)
+        xk = tl.dot(xd, tl.trans(K), input_precision=DOT_PREC)
+        yk = tl.dot(yd, tl.trans(K), input_precision=DOT_PREC)
+        r = -xk * yk * M
         dg_row += tl.sum(r, 1)
         dg_col += tl.sum(r, 0)
-        dp = tl.dot(tl.trans(M * s[:, None]), M, input_precision=DOT_PREC)  # M^T diag(s) M
-        dpk = (4.0 * dp * kk).to(dt)
-        # dK: 4 w_j H0 k_j + 4 ((M^T diag(s) M) * K K^T) K
-        dK = tl.dot(dpk, K, acc=tl.dot((K.to(tl.float32) * (4.0 * w)[:, None]).to(dt), H0,
-                                       input_precision=DOT_PREC), input_precision=DOT_PREC)
-        c_h0 = 2.0 * tl.sum(s * E * E, 0)
-    else:
-        dK = tl.zeros([C, BD], dtype=tl.float32)
-    xk = tl.dot(xd, tl.trans(K), input_precision=DOT_PREC)
-    yk = tl.dot(yd, tl.trans(K), input_precision=DOT_PREC)
-    r = -xk * yk * M
-    dg_row += tl.sum(r, 1)
-    dg_col += tl.sum(r, 0)
-    dK = tl.dot(tl.trans((-xk * M).to(dt)), yd, acc=dK, input_precision=DOT_PREC)
-    dK = tl.dot(tl.trans((-yk * M).to(dt)), xd, acc=dK, input_precision=DOT_PREC)
-    dk_tile = _tile(dk_part, b, h, n, T, H, D, C, BD)
-    tl.store(dk_tile, _load(dk_tile) + dK, boundary_check=(0, 1))
-    dG_ptr = dG_part + bh * N * C + t
-    tl.store(dG_ptr, tl.load(dG_ptr) + dg_row - dg_col + E * dE)
-    # dH0 = -(Y E)^T X (+ 2 sum_j w_j k_j k_j^T + 2 sum_c s_c E_c^2 H0), column halves
-    ye = (-Y * E[:, None]).to(dt)
-    if ADAPTIVE:
-        kw = (K.to(tl.float32) * (2.0 * w)[:, None]).to(dt)
-    for half in tl.static_range(2):
-        col0 = half * BH
-        Xh = _load(_tile_at(x_saved, b, h, n, T, H, D, col0, C, BH)).to(dt)
-        dh0 = tl.dot(tl.trans(ye), Xh, input_precision=DOT_PREC)
+        dK = tl.dot(tl.trans((-xk * M).to(dt)), yd, acc=dK, input_precision=DOT_PREC)
+        dK = tl.dot(tl.trans((-yk * M).to(dt)), xd, acc=dK, input_precision=DOT_PREC)
+        dk_tile = _tile(dk_part, b, h, n, T, H, D, C, BD)
+        tl.store(dk_tile, _load(dk_tile) + dK, boundary_check=(0, 1))
+        dG_ptr = dG_part + bh * N * C + t
+        tl.store(dG_ptr, tl.load(dG_ptr) + dg_row - dg_col + E * dE)
+    if PART != 1:
+        # dH0 = -(Y E)^T X (+ 2 sum_j w_j k_j k_j^T + 2 sum_c s_c E_c^2 H0), column halves
+        if PART == 2:
+            K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+            dt = K.dtype
+            Y = _load(_tile(y_in, b, h, n, T, H, D, C, BD)).to(tl.float32)
+            if ADAPTIVE:
+                w = tl.load(sbase + N * C + N + t)
+                c_h0 = tl.load(sbase + 2 * N * C + N + n)
+        ye = (-Y * E[:, None]).to(dt)
         if ADAPTIVE:
-            Kh = _load(_tile_at(k, b, h, n, T, H, D, col0, C, BH))
-            H0h = _load(_state_at(h_states, bh, n, N, D, D, 0, col0, BD, BH)).to(tl.float32)
-            dh0 = tl.dot(tl.trans(kw), Kh, acc=dh0 + c_h0 * H0h, input_precision=DOT_PREC)
-        tl.store(_state_at(dh_local, bh, n, N, D, D, 0, col0, BD, BH), dh0.to(dh_local.dtype.element_ty),
-                 boundary_check=(0, 1))
+            kw = (K.to(tl.float32) * (2.0 * w)[:, None]).to(dt)
+        for half in tl.static_range(2):
+            col0 = half * BH
+            Xh = _load(_tile_at(x_saved, b, h, n, T, H, D, col0, C, BH)).to(dt)
+            dh0 = tl.dot(tl.trans(ye), Xh, input_precision=DOT_PREC)
+            if ADAPTIVE:
+                Kh = _load(_tile_at(k, b, h, n, T, H, D, col0, C, BH))
+                H0h = _load(_state_at(h_states, bh, n, N, D, D, 0, col0, BD, BH)).to(tl.float32)
+                dh0 = tl.dot(tl.trans(kw), Kh, acc=dh0 + c_h0 * H0h, input_precision=DOT_PREC)
+            tl.store(_state_at(dh_local, bh, n, N, D, D, 0, col0, BD, BH), dh0.to(dh_local.dtype.element_ty),
+                     boundary_check=(0, 1))
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Per-kernel device times of the triton GKA backend (torch.profiler) and a launch-setting sweep.
 
-    python -m kernels.gka.triton.profile [B T H D]
+    python -m kernels.gka.triton.profile [B T H D]    (each setting set of SWEEP)
 
 Writes profile.json to $OUT if set. For tuning runs on a GPU; NOTES.md records what they showed.
 """
@@ -16,23 +16,8 @@ import torch.nn.functional as F
 from .. import gka
 from . import LAUNCH_OVERRIDES
 
-_A = {"fwd_warps": 4, "fwd_lean": False, "bwd_warps": 8, "bwd_lean": True, "readout_warps": 8, "carry_warps": 8,
-      "scan_rows": 32, "scan_warps": 4, "scan_bwd_warps": 8, "low_states": False}
-SWEEP = (
-    _A,
-    _A | {"low_states": True},
-    {"fwd_warps": 4, "fwd_lean": True, "bwd_warps": 8, "bwd_lean": False, "readout_warps": 4, "carry_warps": 4,
-     "scan_rows": 16, "scan_warps": 4, "scan_bwd_warps": 4, "low_states": True},
-)
-# The settings each kernel's time depends on: the best settings are picked kernel by kernel.
-KERNEL_KEYS = {
-    "_gka_fwd_chunk": ("fwd_warps", "fwd_lean"),
-    "_gka_bwd_solve": ("bwd_warps", "bwd_lean"),
-    "_gka_bwd_readout": ("readout_warps",),
-    "_gka_bwd_carry": ("carry_warps",),
-    "_state_scan_fwd": ("scan_rows", "scan_warps"),
-    "_state_scan_bwd": ("scan_bwd_warps",),
-}
+# Setting sets main() profiles (run_all.py has the sweep that picks settings per kernel group).
+SWEEP = ({}, {"scan": "v5", "grads_split": False, "readout_split": False})
 
 
 def kernel_times(shape, num_iter=30, dtype=torch.bfloat16, reps=5):
@@ -77,17 +62,6 @@ def main(argv=None):
             continue
         results.append({"overrides": overrides, "ms": times})
     LAUNCH_OVERRIDES.clear()
-    timed = [r for r in results if "ms" in r]
-    best = {}
-    if timed:  # low_states changes every kernel: take the fastest total's, then the best per kernel with it
-        low = min(timed, key=lambda r: sum(r["ms"].values()))["overrides"].get("low_states", False)
-        timed = [r for r in timed if r["overrides"].get("low_states", False) == low]
-        best["low_states"] = low
-    for kernel, keys in KERNEL_KEYS.items():
-        candidates = [r for r in timed if kernel in r["ms"]]
-        if candidates:
-            fastest = min(candidates, key=lambda r, kernel=kernel: r["ms"][kernel])
-            best |= {key: fastest["overrides"][key] for key in keys if key in fastest["overrides"]}
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "profile.json"), "w") as f:
@@ -98,8 +72,7 @@ def main(argv=None):
             print(f"   {ms:8.3f} ms  {name[:70]}")
         if "ms" in r:
             print(f"   {sum(r['ms'].values()):8.3f} ms  total")
-    print("best", best)
-    return best
+    return results
 
 
 if __name__ == "__main__":
