@@ -77,8 +77,10 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     # (2026-11-30, run_all's sweep): part of the fastest setting at 1 x 32768 x 8 x 128 bf16 (12.7 vs 14.0 ms).
     cfg = {"fwd_lean": False, "bwd_lean": low, "split": low, "low_states": low, "solver": "halves",
            "read_split": low, "bwd_fuse": False,  # bwd_fuse: readout + solve in one launch, 0.5 ms slower (v6)
-           "scan": "elem", "scan_block": 512, "scan_depth": 8, "scan_elem_warps": 4, "contrib_warps": 8,
-           "grads_split": True, "grads2_warps": 8, "readout_split": True, "readout2_warps": 4}
+           # run_all's sweep on the H200 (2026-11-30 02:43 UTC, v7): the fastest per kernel group at 1x32768x8x128
+           "scan": "elem", "scan_block": 1024, "scan_depth": 16, "scan_elem_warps": 8, "contrib_warps": 4,
+           "grads_split": True, "grads2_warps": 8, "readout_split": True, "readout2_warps": 4,
+           "scan_decay": False, "scan_trans": False}  # scan_decay, scan_trans: v8 candidates, not yet measured
     if interpreting():
         cfg |= {"fwd_warps": 4, "bwd_warps": 4, "grads_warps": 4, "readout_warps": 4, "carry_warps": 4,
                 "scan_rows": 16, "scan_warps": 4, "scan_bwd_warps": 4}
@@ -97,7 +99,7 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     return cfg | LAUNCH_OVERRIDES
 
 
-def _scan_elem(h_buf, u_buf, g32, h_init, u_init, h_out, u_out, cfg, chunk_size, reverse):
+def _scan_elem(h_buf, u_buf, g32, h_init, u_init, h_out, u_out, cfg, chunk_size, reverse, decay=None):
     """kernels._state_scan_elem over the [B, H, N, rows, Dk] buffers (in place), H's and U's in one launch."""
     batch, heads, num_chunks, key_dim = h_buf.shape[:4]
     value_dim = u_buf.shape[3]
@@ -105,10 +107,12 @@ def _scan_elem(h_buf, u_buf, g32, h_init, u_init, h_out, u_out, cfg, chunk_size,
     grid = (triton.cdiv(key_dim**2, block) + triton.cdiv(value_dim * key_dim, block), batch * heads)
     seq_len = g32.shape[1] if g32 is not None else num_chunks * chunk_size
     K._state_scan_elem[grid](
-        h_buf, u_buf, h_out if g32 is None else g32, h_out if h_init is None else h_init,
+        h_buf, u_buf, h_out if g32 is None else g32, h_out if decay is None else decay,
+        h_out if h_init is None else h_init,
         u_out if u_init is None else u_init, h_out, u_out, seq_len, heads, num_chunks, key_dim, value_dim,
         HAS_G=g32 is not None, HAS_INIT=h_init is not None, REVERSE=reverse, C=chunk_size, BLOCK=block,
-        DEPTH=cfg["scan_depth"], INTERPRET=interpreting(), num_warps=cfg["scan_elem_warps"],
+        DEPTH=cfg["scan_depth"], INTERPRET=interpreting(), DECAY_BUF=decay is not None, TRANS=cfg["scan_trans"],
+        num_warps=cfg["scan_elem_warps"],
     )
 
 
@@ -154,13 +158,18 @@ class _TritonGKA(torch.autograd.Function):
         dummy = x  # stands in for absent optional tensors (never read: the HAS_* flags are off)
 
         if cfg["scan"] == "elem":  # chunk-parallel contributions, then an elementwise scan over the chunks
+            # scan_decay: e^{G_last} of every chunk kept from _chunk_contrib for both scans
+            decay = torch.empty(batch, heads, num_chunks, **f32) if cfg["scan_decay"] and g32 is not None else None
             K._chunk_contrib[(num_chunks, batch * heads)](
-                k, v, dummy if g32 is None else g32, h_states, u_states,
+                k, v, dummy if g32 is None else g32, h_states, u_states, dummy if decay is None else decay,
                 seq_len, heads, num_chunks, key_dim, value_dim,
-                HAS_G=g32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["contrib_warps"],
+                HAS_G=g32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, STORE_DECAY=decay is not None,
+                num_warps=cfg["contrib_warps"],
             )
-            _scan_elem(h_states, u_states, g32, h0_32, u0_32, h_final, u_final, cfg, chunk_size, reverse=False)
+            _scan_elem(h_states, u_states, g32, h0_32, u0_32, h_final, u_final, cfg, chunk_size, reverse=False,
+                       decay=decay)
         else:
+            decay = None
             rows = cfg["scan_rows"]
             grid = (triton.cdiv(key_dim, rows) + triton.cdiv(value_dim, rows), batch * heads)
             K._state_scan_fwd[grid](
@@ -179,7 +188,7 @@ class _TritonGKA(torch.autograd.Function):
             INTERPRET=interpreting(), RESID=_resid_mode(cfg, bd), READ_SPLIT=cfg["read_split"] and low,
             num_warps=cfg["fwd_warps"],
         )
-        ctx.save_for_backward(q, k, v, g32, a32, h_states, u_states, x, norm, stats)
+        ctx.save_for_backward(q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay)
         ctx.options = (ridge, adaptive, num_iter, scale, chunk_size)
         ctx.cfg = cfg
         ctx.input_dtypes = tuple(None if t is None else t.dtype for t in (g, alpha, h0, u0))
@@ -188,7 +197,7 @@ class _TritonGKA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dh_final, du_final):
-        q, k, v, g32, a32, h_states, u_states, x, norm, stats = ctx.saved_tensors
+        q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay = ctx.saved_tensors
         ridge, adaptive, num_iter, scale, chunk_size = ctx.options
         batch, seq_len, heads, key_dim = q.shape
         value_dim = v.shape[-1]
@@ -262,7 +271,7 @@ class _TritonGKA(torch.autograd.Function):
             du_final = torch.zeros_like(du0) if du_final is None else du_final.float().contiguous()
         if cfg["scan"] == "elem":
             _scan_elem(dh_buf, du_buf, g32, dh_final if has_final else None, du_final if has_final else None,
-                       dh0, du0, cfg, chunk_size, reverse=True)
+                       dh0, du0, cfg, chunk_size, reverse=True, decay=decay)
         else:
             K._state_scan_bwd[(triton.cdiv(key_dim**2, block) + triton.cdiv(value_dim * key_dim, block),
                                batch * heads)](

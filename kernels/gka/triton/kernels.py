@@ -346,8 +346,9 @@ def _state_scan_fwd(
 
 @triton.jit
 def _chunk_contrib(
-    k, v, g, h_states, u_states, T, H, N, D, DV,
+    k, v, g, h_states, u_states, decay_out, T, H, N, D, DV,
     HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr,
+    STORE_DECAY: tl.constexpr = False,
 ):
     """Chunk-parallel half of the forward state scan: writes chunk n's own contributions to the next start
     states, (K * e^{G_last - G})^T K into h_states[n] and (V * e^{G_last - G})^T K into u_states[n]
@@ -356,6 +357,8 @@ def _chunk_contrib(
     K = _load(_tile(k, b, h, n, T, H, D, C, BD))
     G, g_last = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     to_end = tl.exp(g_last - G)
+    if STORE_DECAY:  # e^{G_last} of the chunk, for _state_scan_elem (DECAY_BUF) forward and backward
+        tl.store(decay_out + bh * N + n, tl.exp(g_last))
     kd = (K.to(tl.float32) * to_end[:, None]).to(K.dtype)
     tl.store(_state(h_states, bh, n, N, D, D, BD, BD),
              tl.dot(tl.trans(kd), K, input_precision=DOT_PREC).to(h_states.dtype.element_ty), boundary_check=(0, 1))
@@ -372,9 +375,14 @@ def _affine_then(a1, b1, a2, b2):
 
 
 @triton.jit
-def _chunk_gate_total(g, chunks, N, T, H, b, h, HAS_G: tl.constexpr, C: tl.constexpr):
-    """e^{G_last} of each chunk in `chunks` (a [R] tensor; 1 for chunks outside [0, N))."""
-    if HAS_G:
+def _chunk_gate_total(g, decay, chunks, N, T, H, b, h, HAS_G: tl.constexpr, C: tl.constexpr,
+                      DECAY_BUF: tl.constexpr):
+    """e^{G_last} of each chunk in `chunks` (a [R] tensor; 1 for chunks outside [0, N)); DECAY_BUF: read from the
+    [B, H, N] buffer _chunk_contrib wrote (one load a chunk instead of C strided gate loads and a sum)."""
+    if HAS_G and DECAY_BUF:
+        valid = (chunks >= 0) & (chunks < N)
+        return tl.load(decay + (b * H + h) * N + chunks, mask=valid, other=1.0)
+    elif HAS_G:
         tok = chunks[:, None] * C + tl.arange(0, C)[None, :]
         valid = (chunks >= 0) & (chunks < N)
         gt = tl.load(g + (b * T + tok) * H + h, mask=valid[:, None] & (tok < T), other=0.0).to(tl.float32)
@@ -384,8 +392,9 @@ def _chunk_gate_total(g, chunks, N, T, H, b, h, HAS_G: tl.constexpr, C: tl.const
 
 
 @triton.jit
-def _scan_elem_group(p0, carry, base, g, offs, mask, T, H, N, SIZE, b, h, HAS_G: tl.constexpr,
-                     REVERSE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, DEPTH: tl.constexpr):
+def _scan_elem_group(p0, carry, base, g, decay, offs, mask, T, H, N, SIZE, b, h, HAS_G: tl.constexpr,
+                     REVERSE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, DEPTH: tl.constexpr,
+                     DECAY_BUF: tl.constexpr, TRANS: tl.constexpr):
     """Walk positions p0 .. p0 + DEPTH - 1 of _state_scan_elem; returns the carry after them."""
     rows = tl.arange(0, DEPTH)
     pos = p0 + rows  # walk positions of this group
@@ -397,32 +406,44 @@ def _scan_elem_group(p0, carry, base, g, offs, mask, T, H, N, SIZE, b, h, HAS_G:
     else:
         chunk = pos
         prev_chunk = prev
-    lp = tl.load(base + prev_chunk[:, None] * SIZE + offs[None, :], mask=prev_ok[:, None] & mask[None, :],
-                 other=0.0).to(tl.float32)
-    ep = _chunk_gate_total(g, tl.where(prev_ok, prev_chunk, -1), N, T, H, b, h, HAS_G, C)
+    ep = _chunk_gate_total(g, decay, tl.where(prev_ok, prev_chunk, -1), N, T, H, b, h, HAS_G, C, DECAY_BUF)
     last_pos = p0 + DEPTH - 1
     if REVERSE:
         last_chunk = N - 1 - last_pos
     else:
         last_chunk = last_pos
     l_last = tl.load(base + last_chunk * SIZE + offs, mask=mask & (last_pos < N), other=0.0).to(tl.float32)
-    e_last = tl.sum(tl.where(rows == 0, _chunk_gate_total(g, tl.where(rows == 0, last_chunk, -1), N, T, H, b,
-                                                           h, HAS_G, C), 0.0), 0)
-    ea, eb = tl.associative_scan((tl.broadcast_to(ep[:, None], [DEPTH, BLOCK]), lp), 0, _affine_then)
-    excl = ea * carry[None, :] + eb  # the value before this row's chunk
-    tl.debug_barrier()  # every load of the group done before its stores (rows i and i - 1 share a chunk)
-    tl.store(base + chunk[:, None] * SIZE + offs[None, :], excl.to(base.dtype.element_ty),
-             mask=(pos < N)[:, None] & mask[None, :])
-    v_last = tl.sum(tl.where((rows == DEPTH - 1)[:, None], excl, 0.0), 0)
+    e_last = tl.sum(tl.where(rows == 0, _chunk_gate_total(g, decay, tl.where(rows == 0, last_chunk, -1), N, T, H,
+                                                           b, h, HAS_G, C, DECAY_BUF), 0.0), 0)
+    if TRANS:
+        # [BLOCK, DEPTH] orientation: the loads vectorize along the elements (axis 0), so every thread holds all
+        # DEPTH chunks of its elements and the scan runs in its registers (no shared-memory layout conversions).
+        lt = tl.load(base + prev_chunk[None, :] * SIZE + offs[:, None], mask=prev_ok[None, :] & mask[:, None],
+                     other=0.0).to(tl.float32)
+        ea, eb = tl.associative_scan((tl.broadcast_to(ep[None, :], [BLOCK, DEPTH]), lt), 1, _affine_then)
+        excl = ea * carry[:, None] + eb
+        tl.debug_barrier()
+        tl.store(base + chunk[None, :] * SIZE + offs[:, None], excl.to(base.dtype.element_ty),
+                 mask=(pos < N)[None, :] & mask[:, None])
+        v_last = tl.sum(tl.where((rows == DEPTH - 1)[None, :], excl, 0.0), 1)
+    else:
+        lp = tl.load(base + prev_chunk[:, None] * SIZE + offs[None, :], mask=prev_ok[:, None] & mask[None, :],
+                     other=0.0).to(tl.float32)
+        ea, eb = tl.associative_scan((tl.broadcast_to(ep[:, None], [DEPTH, BLOCK]), lp), 0, _affine_then)
+        excl = ea * carry[None, :] + eb  # the value before this row's chunk
+        tl.debug_barrier()  # every load of the group done before its stores (rows i and i - 1 share a chunk)
+        tl.store(base + chunk[:, None] * SIZE + offs[None, :], excl.to(base.dtype.element_ty),
+                 mask=(pos < N)[:, None] & mask[None, :])
+        v_last = tl.sum(tl.where((rows == DEPTH - 1)[:, None], excl, 0.0), 0)
     carry = tl.where(last_pos < N, e_last * v_last + l_last, v_last)
     return carry
 
 
 @triton.jit
 def _state_scan_elem(
-    h_buf, u_buf, g, h_init, u_init, h_out, u_out, T, H, N, D, DV,
+    h_buf, u_buf, g, decay, h_init, u_init, h_out, u_out, T, H, N, D, DV,
     HAS_G: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
-    DEPTH: tl.constexpr, INTERPRET: tl.constexpr,
+    DEPTH: tl.constexpr, INTERPRET: tl.constexpr, DECAY_BUF: tl.constexpr = False, TRANS: tl.constexpr = False,
 ):
     """Exclusive linear scan over the chunks, in place, elementwise over [B, H, N, rows, Dk] buffers of
     per-chunk contributions l_n (H's and U's in one launch), walking n = 0..N-1 (or N-1..0 if REVERSE):
@@ -459,13 +480,13 @@ def _state_scan_elem(
     if INTERPRET:
         p0 = 0
         while p0 < N:
-            carry = _scan_elem_group(p0, carry, base, g, offs, mask, T, H, N, SIZE, b, h, HAS_G, REVERSE, C, BLOCK,
-                                     DEPTH)
+            carry = _scan_elem_group(p0, carry, base, g, decay, offs, mask, T, H, N, SIZE, b, h, HAS_G, REVERSE, C,
+                                     BLOCK, DEPTH, DECAY_BUF, TRANS)
             p0 += DEPTH
     else:
         for p0 in range(0, N, DEPTH):
-            carry = _scan_elem_group(p0, carry, base, g, offs, mask, T, H, N, SIZE, b, h, HAS_G, REVERSE, C, BLOCK,
-                                     DEPTH)
+            carry = _scan_elem_group(p0, carry, base, g, decay, offs, mask, T, H, N, SIZE, b, h, HAS_G, REVERSE, C,
+                                     BLOCK, DEPTH, DECAY_BUF, TRANS)
     tl.store(out + bh * SIZE + offs, carry, mask=mask)
 
 

@@ -18,16 +18,19 @@ from .profile import kernel_times
 
 # Setting sets to profile; each group's settings are then taken from the set where that group was fastest.
 CANDIDATES = {
-    "v6": {"scan": "v5", "grads_split": False, "readout_split": False},
+    # v7: the defaults (chosen by the 2026-11-30 02:43 UTC run from v6 / v7 / v7b, NOTES.md)
     "v7": {},
-    "v7b": {"scan_block": 1024, "scan_depth": 16, "scan_elem_warps": 8, "contrib_warps": 4, "grads_warps": 4,
-            "grads2_warps": 4, "readout_warps": 8, "readout2_warps": 8},
+    # v8 candidates (interpreter-tested, compiled for sm_90a, not yet timed): the elementwise scan with every
+    # thread holding all DEPTH chunks of its elements (no shared-memory layout conversions; 106 registers and
+    # 4 kB instead of 255 and 131 kB) and one e^{G_last} load a chunk instead of C strided gate loads
+    "v8s": {"scan_trans": True, "scan_decay": True, "scan_block": 1024, "scan_depth": 8, "scan_elem_warps": 4},
+    "v8s2": {"scan_trans": True, "scan_decay": True, "scan_block": 2048, "scan_depth": 8, "scan_elem_warps": 8},
 }
 # kernel group: (settings it depends on, kernels whose times it sums)
 GROUPS = {
     "readout": (("readout_split", "readout_warps", "readout2_warps"), ("_gka_bwd_readout",)),
     "grads": (("grads_split", "grads_warps", "grads2_warps"), ("_gka_bwd_grads",)),
-    "scan": (("scan", "scan_block", "scan_depth", "scan_elem_warps", "contrib_warps"),
+    "scan": (("scan", "scan_block", "scan_depth", "scan_elem_warps", "contrib_warps", "scan_trans", "scan_decay"),
              ("_chunk_contrib", "_state_scan_elem", "_state_scan_fwd", "_state_scan_bwd")),
 }
 
