@@ -4,8 +4,11 @@ Everything goes to runs/<study>/report/: report.md, cells.csv, runs.json, *.png,
 """
 
 import csv
+import fcntl
 import json
 import math
+import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,6 +46,13 @@ def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = 
 
     out_dir = study_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
+    # two launchers ending one study (or a rerun) rewrite the report one after the other, never interleaved
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _write(out_dir, study_name, sweep, study, runs, cells)
+
+
+def _write(out_dir: Path, study_name: str, sweep: Sweep, study, runs: list[dict], cells: list[dict]) -> dict:
     metric = sweep.cfg.metric
     rows = [cell_row(cell, metric, sweep) for cell in cells]
     mad = mad_section(runs)
@@ -66,7 +76,13 @@ def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = 
         path = out_dir / f"{name}.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         written.append(path.name)
-    log_tensorboard(out_dir / "tb", figures, rows, metric, (out_dir / "report.md").read_text())
+    # a new tb/ replaces the old one: TensorBoard shows one copy of each figure however often the report runs
+    fresh, stale = out_dir / f".tb-new-{os.getpid()}", out_dir / f".tb-old-{os.getpid()}"
+    log_tensorboard(fresh, figures, rows, metric, (out_dir / "report.md").read_text())
+    if (out_dir / "tb").exists():
+        (out_dir / "tb").rename(stale)
+    fresh.rename(out_dir / "tb")
+    shutil.rmtree(stale, ignore_errors=True)
     for fig in figures.values():
         if fig is not None:
             plt.close(fig)
