@@ -117,14 +117,6 @@ def check_stackable(runs: list[RunConfig]) -> None:
                        f"{', '.join((*FULL_PRECISION, *AUTOCAST))}")
 
 
-def unstackable(run: RunConfig) -> str | None:
-    """Why this run's model can't be stacked (None if it can)."""
-    on_gpu = pick_device(run.trainer.accelerator).type == "cuda"
-    if on_gpu and run.model.name == "gka" and run.model.backend in ("auto", "triton"):
-        return "stacked GKA on a GPU: the Triton op has no vmap rule yet"
-    return None
-
-
 def pick_device(accelerator: str) -> torch.device:
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -146,9 +138,6 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     cfg = first.trainer
     datamodule = TaskDataModule(first)  # every member sees the same data: it depends on the seed only
     device = pick_device(cfg.accelerator)
-    reason = unstackable(first)
-    if reason:
-        raise LabError(f"{reason}; set model.backend=torch (slower kernels) or train the lrs one by one")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     models, members = [], []

@@ -15,9 +15,9 @@ from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lab.errors import LabError
-from lab.stacked import train_stacked, unstackable
+from lab.stacked import train_stacked
 from sweeps.spec import LR_KEY, Sweep
-from sweeps.worker import describe_trial, objective, pruning_monitor, record_summary, trial_run
+from sweeps.worker import describe_trial, pruning_monitor, record_summary, trial_run
 
 
 def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
@@ -28,11 +28,6 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
     if owner is not None:  # the grid named a run already taken (see worker.objective)
         first.set_user_attr("duplicate_of", owner.number)
         _tell(study, first, state=TrialState.PRUNED)
-        return
-    reason = unstackable(trial_run(sweep, first.number, overrides, threads))
-    if reason:
-        print(f"trial {first.number}: {reason}: training its lrs one by one", flush=True)
-        _train_alone(sweep, study, first, threads)
         return
     members.append((first, overrides))
     for lr in sweep.cfg.lrs:
@@ -79,19 +74,6 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
             _tell(study, trial, state=TrialState.PRUNED)
         else:
             _tell(study, trial, value)
-
-
-def _train_alone(sweep: Sweep, study: optuna.Study, trial: Trial, threads: int) -> None:
-    """The plain worker's objective for one trial, told as study.optimize would."""
-    beat = _Heartbeat(study._storage, [trial._trial_id], sweep.cfg.heartbeat_interval)
-    try:
-        _tell(study, trial, objective(sweep, trial, threads))
-    except optuna.TrialPruned:
-        _tell(study, trial, state=TrialState.PRUNED)
-    except Exception:  # noqa: BLE001 - objective recorded the reason; the study goes on
-        _tell(study, trial, state=TrialState.FAIL)
-    finally:
-        beat.stop()
 
 
 def _tell(study: optuna.Study, trial: Trial, value: float | None = None, state: TrialState | None = None) -> None:

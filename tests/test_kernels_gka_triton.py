@@ -183,3 +183,29 @@ def test_fp16_low_precision_path(low_states, monkeypatch):
     assert fast["o"].dtype == torch.float16 and fast["dq"].dtype == torch.float16
     for name in ("o", "dq", "dk", "dv", "dg", "dalpha"):
         assert rel_err(fast[name], slow[name]) < 1e-2, name
+
+
+def test_vmap_folds_members_into_the_batch():
+    """Stacked models (lab/stacked.py) vmap the op: each member's output and grads are what it gets alone."""
+    from torch.func import vmap
+
+    members = [make_inputs(seed, 40, initial_state=True, key_dim=16, value_dim=16) for seed in (3, 4)]
+    names = [n for n in ("q", "k", "v", "g", "alpha", "H_0", "U_0") if members[0].get(n) is not None]
+    stacked = {n: torch.stack([m[n] for m in members]).float().requires_grad_() for n in names}
+    options = {"num_iter": 30, "chunk_size": 16, "backend": "triton"}
+
+    def op(q, k, v, g, alpha, h0, u0):
+        o, (key_cov, value_key) = gka(q, k, v, g, alpha, initial_state=(h0, u0), output_final_state=True, **options)
+        return o, key_cov, value_key
+
+    outputs = vmap(op)(*(stacked[n] for n in names))
+    weights = [torch.randn(x.shape, generator=torch.Generator().manual_seed(7)) for x in outputs]
+    sum((x * w).sum() for x, w in zip(outputs, weights, strict=True)).backward()
+    for index, member in enumerate(members):
+        alone = {n: member[n].float().requires_grad_() for n in names}
+        own = op(*(alone[n] for n in names))
+        sum((x * w[index]).sum() for x, w in zip(own, weights, strict=True)).backward()
+        for got, want in zip(outputs, own, strict=True):
+            assert rel_err(got[index], want) < 1e-6
+        for n in names:
+            assert rel_err(stacked[n].grad[index], alone[n].grad) < 1e-6, n

@@ -38,6 +38,19 @@ def test_vmapped_gradients_equal_each_models_own(name, single_thread):
             assert error < 1e-7, f"{key}: {error:.1e}"  # float64; an fp32 slip or a mixed-up member is >1e-4
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_mixer_stacks_under_bf16_autocast(name, single_thread):
+    """The GPU runs stack under bf16 autocast; conv1d's batching rule once broke there (fp32 bias)."""
+    run = load_config([], [f"model.name={name}", "model.d_model=16", "model.num_layers=1", "task.seq_len=32"])
+    models = [build_model(run.model, 64) for _ in range(2)]
+    params, buffers = stack_module_state(models)
+    tokens = torch.randint(0, 64, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vmap(lambda p, b: functional_call(models[0], (p, b), (tokens,)))(params, buffers)
+    out.float().pow(2).mean().backward()
+    assert torch.isfinite(out.float()).all() and all(torch.isfinite(p.grad).all() for p in params.values())
+
+
 def test_stack_trains_each_member_as_lab_train_does(tmp_path, single_thread):
     lrs = [3e-3, 1e-2]
     alone = [train(load_config([], TINY + [f"trainer.lr={lr}", f"runs_dir={tmp_path}", f"run_name=alone{i}"]))
@@ -109,25 +122,3 @@ def test_lab_bench_sweep_runs_every_variant(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and r["trials_per_hour"] > 0 for r in rows)
     assert main(["bench", "sweep", "members=0"]) == 2
     assert "every number must be >= 1" in capsys.readouterr().err
-
-
-def test_cells_that_cannot_stack_train_one_by_one(tmp_path, monkeypatch, single_thread):
-    """GKA on a GPU can't stack yet: such a cell's lrs go through the plain worker, the others still stack."""
-    from sweeps import stacking
-    from sweeps.spec import load_sweep
-    from sweeps.study import create_or_load
-    from sweeps.worker import finished
-
-    config = write_sweep(tmp_path, {"study": "mixed", "lrs": [1e-3, 1e-2], "stack_lrs": True,
-                                    "variants": {"attention": {"model.name": "attention"},
-                                                 "gka": {"model.name": "gka", "model.num_iter": 2}}})
-    sweep = load_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
-    study = create_or_load(sweep, create=True)
-    monkeypatch.setattr(stacking, "unstackable", lambda run: "no vmap rule" if run.model.name == "gka" else None)
-    while not finished(sweep, study):
-        stacking.train_cell_stack(sweep, study, threads=1)
-    complete = by_state(study.get_trials(), TrialState.COMPLETE)
-    stacked = [t for t in complete if "stacked_with" in t.user_attrs]
-    alone = [t for t in complete if "stacked_with" not in t.user_attrs]
-    assert len(complete) == 4 and {t.params["variant"] for t in stacked} == {"attention"} and len(stacked) == 2
-    assert {t.params["variant"] for t in alone} == {"gka"} and len(alone) == 2

@@ -58,7 +58,12 @@ class ShortConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq_len = x.shape[1]
-        return F.silu(self.conv(x.transpose(1, 2))[..., :seq_len].transpose(1, 2))
+        conv = self.conv
+        # weight and bias in the input's dtype, as autocast would cast them: under vmap (stacked models)
+        # conv1d's batching rule hands autocast an fp32 bias beside a bf16 input, which conv1d refuses
+        out = F.conv1d(x.transpose(1, 2), conv.weight.to(x.dtype), conv.bias.to(x.dtype), padding=conv.padding,
+                       groups=conv.groups)
+        return F.silu(out[..., :seq_len].transpose(1, 2))
 
     def state_numel(self) -> int:
         return (self.kernel_size - 1) * self.conv.in_channels

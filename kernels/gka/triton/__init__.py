@@ -128,9 +128,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
 
 
+class _Saved:
+    """What the backward needs from the forward (a plain object: an output that vmap passes through)."""
+
+
 class _TritonGKA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, alpha, h0, u0, ridge, adaptive, num_iter, scale, chunk_size):
+    def forward(q, k, v, g, alpha, h0, u0, ridge, adaptive, num_iter, scale, chunk_size):
         batch, seq_len, heads, key_dim = q.shape
         value_dim = v.shape[-1]
         num_chunks = triton.cdiv(seq_len, chunk_size)
@@ -188,17 +192,39 @@ class _TritonGKA(torch.autograd.Function):
             INTERPRET=interpreting(), RESID=_resid_mode(cfg, bd), READ_SPLIT=cfg["read_split"] and low,
             num_warps=cfg["fwd_warps"],
         )
-        ctx.save_for_backward(q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay)
-        ctx.options = (ridge, adaptive, num_iter, scale, chunk_size)
-        ctx.cfg = cfg
-        ctx.input_dtypes = tuple(None if t is None else t.dtype for t in (g, alpha, h0, u0))
-        ctx.set_materialize_grads(False)
-        return o, h_final, u_final
+        saved = _Saved()
+        saved.tensors = (q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay)
+        saved.options = (ridge, adaptive, num_iter, scale, chunk_size)
+        saved.cfg = cfg
+        saved.input_dtypes = tuple(None if t is None else t.dtype for t in (g, alpha, h0, u0))
+        return o, h_final, u_final, saved
 
     @staticmethod
-    def backward(ctx, do, dh_final, du_final):
-        q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay = ctx.saved_tensors
-        ridge, adaptive, num_iter, scale, chunk_size = ctx.options
+    def setup_context(ctx, inputs, output):
+        ctx.saved = output[3]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, g, alpha, h0, u0, *options):
+        # Batch entries never mix, so vmap's dimension (stacked models, lab/stacked.py) folds into the
+        # batch dimension: one launch over [members * B, ...] instead of a loop over members.
+        members = info.batch_size
+
+        def fold(tensor, dim):
+            if tensor is None:
+                return None
+            tensor = tensor.expand(members, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
+            return tensor.flatten(0, 1)
+
+        folded = [fold(t, d) for t, d in zip((q, k, v, g, alpha, h0, u0), in_dims[:7], strict=True)]
+        o, h_final, u_final, saved = _TritonGKA.apply(*folded, *options)
+        return (*(t.unflatten(0, (members, -1)) for t in (o, h_final, u_final)), saved), (0, 0, 0, None)
+
+    @staticmethod
+    def backward(ctx, do, dh_final, du_final, _saved):
+        saved = ctx.saved
+        q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay = saved.tensors
+        ridge, adaptive, num_iter, scale, chunk_size = saved.options
         batch, seq_len, heads, key_dim = q.shape
         value_dim = v.shape[-1]
         num_chunks = h_states.shape[2]
@@ -218,7 +244,7 @@ class _TritonGKA(torch.autograd.Function):
         du_buf = torch.empty_like(u_states)
         dh0 = torch.empty(batch, heads, key_dim, key_dim, **f32)
         du0 = torch.empty(batch, heads, value_dim, key_dim, **f32)
-        cfg = ctx.cfg
+        cfg = saved.cfg
         bd, bdv = _block(key_dim), _block(value_dim)
         prec = _dot_precision(q.dtype)
         dummy = dk_part
@@ -287,7 +313,7 @@ class _TritonGKA(torch.autograd.Function):
             seq_len, heads, num_chunks, key_dim, value_dim,
             HAS_G=has_g, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["carry_warps"],
         )
-        g_dtype, a_dtype, h0_dtype, u0_dtype = ctx.input_dtypes
+        g_dtype, a_dtype, h0_dtype, u0_dtype = saved.input_dtypes
         return (
             dq,
             dk,
@@ -325,7 +351,7 @@ def triton_gka(
         # fp32 operands double the shared memory of every dot; 64-token chunks overflow the H200's 227 KiB.
         # The chunk size changes only the order of the sums, not the function.
         chunk_size = min(chunk_size, FP32_CHUNK_SIZE)
-    o, h_final, u_final = _TritonGKA.apply(
+    o, h_final, u_final, _ = _TritonGKA.apply(
         q, k, v, g, alpha, h0, u0, ridge_ratio, ridge_mode == "adaptive", num_iter, scale, chunk_size
     )
     return (o, (h_final, u_final)) if output_final_state else o
