@@ -68,7 +68,8 @@ def _rates(run: RunConfig, summary: dict, members: int, wall: float) -> dict:
     train_seconds = summary["steps"] * batch_tokens / summary["train_tokens_per_second"]
     step_ms = summary["train_step_ms_median"]
     return {"tokens_per_s": members * batch_tokens / (step_ms / 1e3), "step_ms": step_ms,
-            "val_s": max(0.0, summary["wall_seconds"] - train_seconds), "wall_s": wall}
+            "val_s": max(0.0, summary.get("stack_wall_seconds", summary["wall_seconds"]) - train_seconds),
+            "wall_s": wall}
 
 
 def processes(k: int, sweep_file: str, cell: dict, steps: int) -> dict:

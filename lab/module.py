@@ -26,15 +26,18 @@ class LabModule(L.LightningModule):
         self.best_val_acc: float | None = None
         self.best_epoch: int | None = None
         self.best_step: int | None = None
+        # trainer.compile: training steps only; validation (no grad, a last partial batch) would compile again
+        self.train_hidden_states = torch.compile(model.hidden_states) if run.trainer.compile else model.hidden_states
 
-    def supervised_logits(self, inputs: torch.Tensor, labels: torch.Tensor):
+    def supervised_logits(self, inputs: torch.Tensor, labels: torch.Tensor, hidden_states=None):
         """Logits only where a label exists: MQAR supervises N of L positions, so the LM head stays cheap."""
         mask = labels != IGNORE
-        return self.model.lm_head(self.model.hidden_states(inputs)[mask]), labels[mask], mask
+        hidden = (hidden_states or self.model.hidden_states)(inputs)
+        return self.model.lm_head(hidden[mask]), labels[mask], mask
 
     def training_step(self, batch, batch_idx):
         inputs, labels, _ = batch
-        logits, targets, _ = self.supervised_logits(inputs, labels)
+        logits, targets, _ = self.supervised_logits(inputs, labels, self.train_hidden_states)
         loss = F.cross_entropy(logits.float(), targets)
         # checked at logging steps only: the check syncs with a GPU, and NaN weights stay NaN until then
         if self.global_step % self.run.trainer.log_every_n_steps == 0 and not torch.isfinite(loss):

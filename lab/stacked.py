@@ -66,7 +66,7 @@ class Member:
     epochs: int = 0
     pruned_at: int | None = None
     error: str | None = None
-    wall_seconds: float = 0.0
+    stack_seconds: float = 0.0  # the stack's time until this member stopped
 
 
 class StackedAdamW:
@@ -158,8 +158,8 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     base = models[0].to(device)  # gives the code; the stacked tensors replace its weights in each call
     logits_of = vmap(lambda p, b, inputs, index: functional_call(base, (p, b), (inputs, index)),
                      in_dims=(0, 0, None, None))
-    if cfg.compile:
-        logits_of = torch.compile(logits_of)
+    # trainer.compile: training steps only; validation (no grad, a last partial batch) would compile again
+    train_logits_of = torch.compile(logits_of) if cfg.compile else logits_of
 
     optimizer = StackedAdamW(params, cfg.betas, cfg.weight_decay)
     base_lr = torch.tensor([run.trainer.lr for run in runs], device=device)
@@ -170,11 +170,11 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     autocast = AUTOCAST.get(cfg.precision)
     num_members = len(runs)
 
-    def member_logits(inputs, labels):
+    def member_logits(inputs, labels, logits_fn=logits_of):
         mask = labels != IGNORE
         index = mask.flatten().nonzero().squeeze(1)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            return logits_of(params, buffers, inputs, index), labels[mask], mask
+            return logits_fn(params, buffers, inputs, index), labels[mask], mask
 
     def validate(step: int, epoch: int) -> None:
         sums = torch.zeros(num_members, len(datamodule.test_slice_names), 4, dtype=torch.float64, device=device)
@@ -188,7 +188,7 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
         for m, member in enumerate(members):
             if member.active:
                 _after_validation(member, sums[m], step, epoch, params, m, datamodule.test_slice_names)
-                member.wall_seconds = time.perf_counter() - stack_started
+                member.stack_seconds = time.perf_counter() - stack_started
 
     step, epoch, tokens, seconds, step_seconds = 0, 0, 0, 0.0, []
     stack_started = time.perf_counter()
@@ -196,7 +196,7 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
         for inputs, labels, _ in train_loader:
             started = time.perf_counter()
             inputs, labels = inputs.to(device), labels.to(device)
-            logits, targets, _ = member_logits(inputs, labels)
+            logits, targets, _ = member_logits(inputs, labels, train_logits_of)
             num_logits = logits.shape[1]
             losses = F.cross_entropy(logits.float().flatten(0, 1), targets.repeat(num_members),
                                      reduction="none").view(num_members, num_logits).mean(1)
@@ -222,7 +222,7 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
             for member in members:
                 if member.active:
                     member.steps, member.epochs = step, epoch
-                    member.wall_seconds = time.perf_counter() - stack_started
+                    member.stack_seconds = time.perf_counter() - stack_started
             if cfg.val_every_n_steps and step % cfg.val_every_n_steps == 0:
                 validate(step, epoch)
             if step == cfg.max_steps or not any(m.active for m in members):
@@ -297,7 +297,9 @@ def _finish(member: Member, rates: dict, num_members: int) -> dict:
         "run_dir": str(member.run_dir), "model": run.model.name, "task": run.task.name, "final": member.final,
         "best_val_acc": member.best_val_acc, "best_epoch": member.best_epoch, "best_step": member.best_step,
         "epochs": member.epochs, "steps": member.steps, "params": member.params,
-        "state_size_bytes": member.state_size, "wall_seconds": member.wall_seconds,
+        "state_size_bytes": member.state_size,
+        # its share of the stack's time (what a sweep's cost adds up), and the stack's time itself
+        "wall_seconds": member.stack_seconds / num_members, "stack_wall_seconds": member.stack_seconds,
         **rates,  # this member's; the stack trains num_members times its tokens/s
         "stacked_members": num_members,
         "stopped_early": member.final.get("val/acc", 0.0) > run.trainer.early_stop_acc,

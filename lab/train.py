@@ -120,8 +120,6 @@ def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict | None:
     L.seed_everything(run.seed, workers=True, verbose=False)
     datamodule.setup()
     model = build_model(run.model, datamodule.vocab_size)
-    if run.trainer.compile:
-        model.hidden_states = torch.compile(model.hidden_states)  # the module's state_dict stays plain
     module = LabModule(run, model, datamodule.test_slice_names)
 
     logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name, default_hp_metric=False)
