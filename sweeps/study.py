@@ -84,7 +84,16 @@ def make_pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
 
 
 def identity(sweep: Sweep) -> str:
-    data = {"sweep": {k: getattr(sweep.cfg, k) for k in IDENTITY_KEYS}, "run": sweep.run}
+    # where a host writes its runs is no part of the experiment: hosts sharing a study may differ in it
+    run = {k: v for k, v in sweep.run.items() if k != "runs_dir"}
+    data = {"sweep": {k: getattr(sweep.cfg, k) for k in IDENTITY_KEYS}, "run": run}
+    return yaml.safe_dump(data, sort_keys=True)
+
+
+def _without_runs_dir(recorded: str) -> str:
+    """A recorded identity as identity() writes it now (studies made before runs_dir left it kept it)."""
+    data = yaml.safe_load(recorded)
+    data.get("run", {}).pop("runs_dir", None)
     return yaml.safe_dump(data, sort_keys=True)
 
 
@@ -111,6 +120,8 @@ def create_or_load(sweep: Sweep, create: bool) -> optuna.Study:
             time.sleep(0.5 * (attempt + 1))
     wanted = identity(sweep)
     recorded = study.user_attrs.get("sweep")
+    if recorded is not None:
+        recorded = _without_runs_dir(recorded)
     if recorded is None and create:
         study.set_user_attr("sweep", wanted)
     elif recorded is not None and recorded != wanted:

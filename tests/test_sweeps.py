@@ -215,6 +215,17 @@ def test_grid_cells_with_sets_conditions_and_variants(tmp_path):
     assert label == "gka mqar=long num_iter=1 lr=0.01"
 
 
+def test_hosts_may_write_runs_to_different_dirs(tmp_path):
+    """runs_dir is where a host writes, not part of the study: another host's runs_dir joins the same study."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    config = write_sweep(tmp_path, {"study": "hosts", "lrs": [1e-3, 1e-2], "storage": storage})
+    first = run_sweep(config, [f"runs_dir={tmp_path / 'a'}", "sweep.n_trials=1", "sweep.report=false"])
+    assert first["counts"]["complete"] == 1
+    second = run_sweep(config, [f"runs_dir={tmp_path / 'b'}", "sweep.report=false"])
+    assert second["counts"]["complete"] == 2 and second["counts"]["left"] == 0
+    assert len(list((tmp_path / "a" / "hosts").glob("trial-*"))) == len(list((tmp_path / "b" / "hosts").glob("trial-*"))) == 1
+
+
 def test_journal_file_storage(tmp_path):
     journal = tmp_path / "journal" / "study.log"
     config = write_sweep(tmp_path, {"study": "journal", "lrs": [1e-3, 1e-2], "storage": str(journal)})
