@@ -44,3 +44,19 @@ def check_qkvg(op: str, q, k, v, gates: dict) -> tuple[int, int, int, int, int]:
         if gate is not None:
             check_shape(op, name, gate, (batch, seq_len, heads), "[B, T, H] of q")
     return batch, seq_len, heads, key_dim, value_dim
+
+
+def fold_members(tensors, in_dims, members: int) -> list:
+    """The tensors of a vmap rule with vmap's dimension folded into the leading batch dimension,
+    [members * B, ...] (member-major; None stays None, an unbatched tensor is repeated per member).
+
+    For ops whose batch entries never mix (stacked models, lab/stacked.py): one call over all members
+    instead of vmap's loop; the result unfolds with `.unflatten(0, (members, -1))`.
+    """
+    def fold(tensor, dim):
+        if tensor is None:
+            return None
+        tensor = tensor.expand(members, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
+        return tensor.flatten(0, 1)
+
+    return [fold(t, d) for t, d in zip(tensors, in_dims, strict=True)]

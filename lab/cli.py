@@ -279,10 +279,13 @@ def cmd_tb(args) -> int:
 
 
 def bench_sweep_command(settings: list[str]) -> list[dict]:
+    from omegaconf import OmegaConf
+
     from lab.bench_sweep import DEFAULT_SWEEP, bench_sweep
     from lab.config import parse_overrides
+    from sweeps.spec import flat
 
-    values = {key: value for key, value in _flat(parse_overrides(settings)).items()}
+    values = flat(OmegaConf.to_container(parse_overrides(settings)))
 
     def numbers(key: str, default: tuple[int, ...], low: int = 1) -> tuple[int, ...]:
         value = values.pop(key, None)
@@ -306,18 +309,6 @@ def bench_sweep_command(settings: list[str]) -> list[dict]:
                        process_counts=numbers("processes", (2, 4), low=0), compile_too=compile_too)
     console().print(markdown_rows(rows))
     return rows
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, DictConfig):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = OmegaConf.to_object(value) if hasattr(value, "_is_missing") else value
-    return out
 
 
 def markdown_rows(rows: list[dict]) -> str:

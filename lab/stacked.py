@@ -8,7 +8,6 @@ early stop at `trainer.early_stop_acc`, TensorBoard files and summary.json in it
 that stops (early stop, pruned, diverged) is frozen; the stack ends when all have stopped.
 """
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from lab.data import IGNORE, TaskDataModule
 from lab.errors import LabError
 from lab.models import build_model
 from lab.module import example_stats, lr_schedule
-from lab.train import quiet_lightning, run_directory
+from lab.train import quiet_lightning, run_directory, write_summary
 
 # Keys members may differ in; everything else must match (one architecture, one data stream).
 MEMBER_KEYS = ("trainer.lr", "run_name", "experiment")
@@ -305,11 +304,5 @@ def _finish(member: Member, rates: dict, num_members: int) -> dict:
         "stopped_early": member.final.get("val/acc", 0.0) > run.trainer.early_stop_acc,
         "pruned_at": member.pruned_at, "config": config,
     }
-    member.logger.log_hyperparams(flatten(config), metrics={
-        "hp/best_val_acc": member.best_val_acc or 0.0, "hp/final_val_acc": member.final.get("val/acc", 0.0),
-        "hp/final_val_loss": member.final.get("val/loss", float("nan")), "hp/params": member.params,
-        "hp/state_size_bytes": member.state_size,
-    })
-    member.logger.finalize("success")
-    (member.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(member.logger, summary)
     return summary

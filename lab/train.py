@@ -177,14 +177,20 @@ def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict | None:
         "stopped_early": final.get("val/acc", 0.0) > run.trainer.early_stop_acc,
         "config": config,
     }
-    logger.log_hyperparams(flatten(config), metrics={
-        "hp/best_val_acc": best_acc or 0.0, "hp/final_val_acc": final.get("val/acc", 0.0),
+    write_summary(logger, summary)
+    return summary
+
+
+def write_summary(logger: TensorBoardLogger, summary: dict) -> None:
+    """The run's config and results as TensorBoard hparams, then <run dir>/summary.json."""
+    final = summary["final"]
+    logger.log_hyperparams(flatten(summary["config"]), metrics={
+        "hp/best_val_acc": summary["best_val_acc"] or 0.0, "hp/final_val_acc": final.get("val/acc", 0.0),
         "hp/final_val_loss": final.get("val/loss", float("nan")), "hp/params": summary["params"],
         "hp/state_size_bytes": summary["state_size_bytes"],
     })
     logger.finalize("success")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    (Path(summary["run_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def quiet_lightning() -> None:

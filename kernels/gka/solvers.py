@@ -6,6 +6,8 @@ X [..., D] to A X, so callers decide how A is applied (a dense H_t, or the matri
 
 import torch
 
+from ..common import fold_members
+
 SOLVERS = ("chebyshev", "cg", "exact")  # what the layer offers; gradient_descent / nesterov are for studies
 RIDGE_MODES = ("adaptive", "constant")
 
@@ -152,13 +154,6 @@ class _ImplicitSolve(torch.autograd.Function):
     def vmap(info, in_dims, solve, apply_A, num_solver_args, rhs, *tensors):
         # Batch entries never mix, so vmap's dimension (stacked models, lab/stacked.py) folds into the
         # leading batch dimension: one solve over [members * B, ...] instead of a loop over members.
-        members = info.batch_size
-
-        def fold(tensor, dim):
-            if dim is None:
-                return tensor.expand(members, *tensor.shape).flatten(0, 1)
-            return tensor.movedim(dim, 0).flatten(0, 1)
-
-        folded = [fold(t, d) for t, d in zip((rhs, *tensors), in_dims[3:], strict=True)]
+        folded = fold_members((rhs, *tensors), in_dims[3:], info.batch_size)
         x = _ImplicitSolve.apply(solve, apply_A, num_solver_args, *folded)
-        return x.unflatten(0, (members, -1)), 0
+        return x.unflatten(0, (info.batch_size, -1)), 0

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.common import fold_members
 from lab.errors import LabError
 from lab.models.common import ModelConfig, check_range
 
@@ -64,14 +65,8 @@ class _FoldedAttention(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, q, k, v):
-        members = info.batch_size
-
-        def fold(tensor, dim):
-            tensor = tensor.expand(members, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
-            return tensor.flatten(0, 1)
-
-        out = _FoldedAttention.apply(*(fold(t, d) for t, d in zip((q, k, v), in_dims, strict=True)))
-        return out.unflatten(0, (members, -1)), 0
+        out = _FoldedAttention.apply(*fold_members((q, k, v), in_dims, info.batch_size))
+        return out.unflatten(0, (info.batch_size, -1)), 0
 
 
 class AttentionMixer(nn.Module):

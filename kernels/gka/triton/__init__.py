@@ -23,6 +23,7 @@ import os
 import torch
 import triton
 
+from ...common import fold_members
 from . import kernels as K
 
 # Dot precision for fp32 inputs on the GPU ("tf32", "tf32x3" or "ieee"); fp16/bf16 use their own dtype.
@@ -209,14 +210,7 @@ class _TritonGKA(torch.autograd.Function):
         # Batch entries never mix, so vmap's dimension (stacked models, lab/stacked.py) folds into the
         # batch dimension: one launch over [members * B, ...] instead of a loop over members.
         members = info.batch_size
-
-        def fold(tensor, dim):
-            if tensor is None:
-                return None
-            tensor = tensor.expand(members, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
-            return tensor.flatten(0, 1)
-
-        folded = [fold(t, d) for t, d in zip((q, k, v, g, alpha, h0, u0), in_dims[:7], strict=True)]
+        folded = fold_members((q, k, v, g, alpha, h0, u0), in_dims[:7], members)
         o, h_final, u_final, saved = _TritonGKA.apply(*folded, *options)
         return (*(t.unflatten(0, (members, -1)) for t in (o, h_final, u_final)), saved), (0, 0, 0, None)
 
