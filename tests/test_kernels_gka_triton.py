@@ -209,3 +209,23 @@ def test_vmap_folds_members_into_the_batch():
             assert rel_err(got[index], want) < 1e-6
         for n in names:
             assert rel_err(stacked[n].grad[index], alone[n].grad) < 1e-6, n
+
+
+LAUNCH_VARIANTS = {
+    # launch settings the GPU may run (kernels/gka/triton/__init__.py, _launch_config): each must give the default's
+    # outputs and grads
+    "halves": {"carry_halves": True, "readout_halves": True, "grads_halves": True, "xs_asm": True},
+    "scan-trans-decay": {"scan_trans": True, "scan_decay": True, "scan_block": 128, "scan_depth": 2},
+}
+
+
+@pytest.mark.parametrize("variant", list(LAUNCH_VARIANTS))
+def test_launch_variants_agree(variant, monkeypatch):
+    inputs = make_inputs(41, 100, heads=1, key_dim=33, value_dim=40, initial_state=True)
+    options = {"backend": "triton", "num_iter": 30, "chunk_size": 32}
+    base = outputs_and_grads(inputs, torch.float32, **options)
+    for key, value in LAUNCH_VARIANTS[variant].items():
+        monkeypatch.setitem(gka_triton.LAUNCH_OVERRIDES, key, value)
+    other = outputs_and_grads(inputs, torch.float32, **options)
+    for name in base:
+        assert rel_err(other[name], base[name]) < 1e-5, name

@@ -81,7 +81,12 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
            # run_all's sweep on the H200 (2026-11-30 02:43 UTC, v7): the fastest per kernel group at 1x32768x8x128
            "scan": "elem", "scan_block": 1024, "scan_depth": 16, "scan_elem_warps": 8, "contrib_warps": 4,
            "grads_split": True, "grads2_warps": 8, "readout_split": True, "readout2_warps": 4,
-           "scan_decay": False, "scan_trans": False}  # scan_decay, scan_trans: v8 candidates, not yet measured
+           "scan_decay": False, "scan_trans": False,  # scan_decay, scan_trans: v8 candidates, not yet measured
+           # v9 candidates (not yet measured): carry, readout part 1, grads part 1 on column halves; packed cvt of the
+           # solver's masked scores
+           "carry_halves": False, "readout_halves": False, "grads_halves": False, "xs_asm": False,
+           # ptxas register caps (launch option maxnreg; None: no cap): more CTAs per SM for more spills
+           "fwd_maxnreg": None, "bwd_maxnreg": None, "carry_maxnreg": None}
     if interpreting():
         cfg |= {"fwd_warps": 4, "bwd_warps": 4, "grads_warps": 4, "readout_warps": 4, "carry_warps": 4,
                 "scan_rows": 16, "scan_warps": 4, "scan_bwd_warps": 4}
@@ -123,6 +128,12 @@ def _resid_mode(cfg: dict, block_dim: int) -> int:
     if solver == "halves" and block_dim < 32:  # half tiles narrower than 16 can't be dot operands
         solver = "resid"
     return {"v5": 0, "resid": 1, "halves": 2}[solver]
+
+
+def _maxnreg(cfg: dict, kernel: str) -> dict:
+    """The launch option maxnreg of a kernel, if its setting caps the registers (never under the interpreter)."""
+    cap = cfg[f"{kernel}_maxnreg"]
+    return {} if cap is None or interpreting() else {"maxnreg": cap}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -191,7 +202,7 @@ class _TritonGKA(torch.autograd.Function):
             ADAPTIVE=adaptive, HAS_G=g32 is not None, HAS_ALPHA=a32 is not None,
             C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, LEAN=cfg["fwd_lean"], SPLIT=cfg["split"],
             INTERPRET=interpreting(), RESID=_resid_mode(cfg, bd), READ_SPLIT=cfg["read_split"] and low,
-            num_warps=cfg["fwd_warps"],
+            XS_ASM=cfg["xs_asm"], num_warps=cfg["fwd_warps"], **_maxnreg(cfg, "fwd"),
         )
         saved = _Saved()
         saved.tensors = (q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay)
@@ -268,19 +279,20 @@ class _TritonGKA(torch.autograd.Function):
                 K._gka_bwd_readout[grid](
                     *readout_args, *readout_outs, seq_len, heads, num_chunks, key_dim, value_dim, float(scale),
                     HAS_G=has_g, HAS_ALPHA=a32 is not None,
-                    C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PART=part,
+                    C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PART=part, HALVES=cfg["readout_halves"] and part == 1 and bd >= 32,
                     num_warps=cfg["readout_warps"] if part < 2 else cfg["readout2_warps"],
                 )
             K._gka_bwd_solve[grid](
                 k, gp, h_states, norm, dx, dq_direct, dq, y,
                 seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
-                **solve_flags, num_warps=cfg["bwd_warps"],
+                **solve_flags, XS_ASM=cfg["xs_asm"], num_warps=cfg["bwd_warps"], **_maxnreg(cfg, "bwd"),
             )
         for part in (1, 2) if cfg["grads_split"] else (0,):
             K._gka_bwd_grads[grid](
                 k, gp, h_states, x, norm, stats, y, dk_part, dG_part, dh_buf,
                 seq_len, heads, num_chunks, key_dim, float(ridge),
                 ADAPTIVE=adaptive, HAS_G=has_g, C=chunk_size, BD=bd, DOT_PREC=prec, PART=part,
+                HALVES=cfg["grads_halves"] and part == 1 and bd >= 32,
                 num_warps=cfg["grads_warps"] if part < 2 else cfg["grads2_warps"],
             )
         del y
@@ -305,7 +317,8 @@ class _TritonGKA(torch.autograd.Function):
             k, v, gp, h_states, u_states, dh_buf, du_buf, dk_part, dv_part, dG_part,
             dk, dv, dg if dg is not None else dummy,
             seq_len, heads, num_chunks, key_dim, value_dim,
-            HAS_G=has_g, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["carry_warps"],
+            HAS_G=has_g, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec,
+            HALVES=cfg["carry_halves"] and min(bd, bdv) >= 32, num_warps=cfg["carry_warps"], **_maxnreg(cfg, "carry"),
         )
         g_dtype, a_dtype, h0_dtype, u0_dtype = saved.input_dtypes
         return (

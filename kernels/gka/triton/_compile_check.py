@@ -2,6 +2,8 @@
 
     TRITON_INTERPRET=0 python -m kernels.gka.triton._compile_check [bf16|fp32] [solver num_warps] [D] [kernels]
 
+(GKA_MAXNREG=n caps the registers a thread, as the launch option maxnreg does.)
+
 (fp32 wants GKA_C=32 GKA_PREC=tf32x3, as the GPU path runs it.)
 """
 
@@ -24,8 +26,10 @@ INTS = {"T", "H", "N", "D", "DV", "SIZE", "num_iter"}
 FLOATS = {"scale", "ridge"}
 
 
-def compile_report(fn, constexprs, dtype, num_warps, num_stages=3):
+def compile_report(fn, constexprs, dtype, num_warps, num_stages=3, maxnreg=None):
     start = time.time()
+    # constexpr parameters left out take their defaults (else they would be typed as runtime arguments)
+    constexprs = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default} | constexprs
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -43,7 +47,8 @@ def compile_report(fn, constexprs, dtype, num_warps, num_stages=3):
              if name not in constexprs and (sig[name].startswith("*") or name in ("T", "N", "D", "DV", "SIZE"))}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                            "num_stages": num_stages})
+                                                                            "num_stages": num_stages,
+                                                                            "maxnreg": maxnreg})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
@@ -65,21 +70,27 @@ def main(argv=None):
     low = dtype != "fp32"
     jobs = [
         (K._gka_fwd_chunk, {**chunk, **flags, "BDV": dim, "ADAPTIVE": True, "INTERPRET": False, "LEAN": False,
-                            "SPLIT": low, "RESID": 2, "READ_SPLIT": low}, warps),
+                            "SPLIT": low, "RESID": 2, "READ_SPLIT": low, "XS_ASM": low}, warps),
         (K._gka_bwd_readout, {**chunk, **flags, "BDV": dim, "PART": 1}, 4),
+        (K._gka_bwd_readout, {**chunk, **flags, "BDV": dim, "PART": 1, "HALVES": True}, 4),
         (K._gka_bwd_readout, {**chunk, **flags, "BDV": dim, "PART": 2}, 4),
         (K._gka_bwd_solve, {**chunk, **flags, "ADAPTIVE": True, "INTERPRET": False, "LEAN": low, "SPLIT": low,
-                            "RESID": 2}, warps),
+                            "RESID": 2, "XS_ASM": low}, warps),
         (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 1}, 8),
+        (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 1, "HALVES": True}, 8),
+        (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 1, "HALVES": True}, 4),
         (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 2}, 8),
         (K._gka_bwd_carry, {**chunk, "HAS_G": True, "BDV": dim}, 8),
+        (K._gka_bwd_carry, {**chunk, "HAS_G": True, "BDV": dim, "HALVES": True}, 8),
+        (K._gka_bwd_carry, {**chunk, "HAS_G": True, "BDV": dim, "HALVES": True}, 4),
         (K._chunk_contrib, {**chunk, "HAS_G": True, "BDV": dim}, 8),
         (K._state_scan_elem, {"HAS_G": True, "HAS_INIT": True, "REVERSE": True, "C": chunk["C"], "BLOCK": 512,
-                              "DEPTH": 8, "INTERPRET": False}, 4),
+                              "DEPTH": 8, "INTERPRET": False, "DECAY_BUF": True, "TRANS": True}, 4),
     ]
+    maxnreg = int(os.environ["GKA_MAXNREG"]) if os.environ.get("GKA_MAXNREG") else None
     for fn, constexprs, nw in jobs:
         if only is None or fn.__name__ in only:
-            compile_report(fn, constexprs, dtype, nw)
+            compile_report(fn, constexprs, dtype, nw, maxnreg=maxnreg)
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def _to_f32(x, ASM: tl.constexpr):
 
 @triton.jit
 def _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam, Ka, Kb, Haa, Hab, Hba, Hbb, M, E,
-                 DOT_PREC: tl.constexpr, ASM: tl.constexpr):
+                 DOT_PREC: tl.constexpr, ASM: tl.constexpr, XS_ASM: tl.constexpr):
     """One residual-form Chebyshev step (_cheb_resid) on column halves a, b of the [C, BD] tiles; H_rc is the
     [BD/2, BD/2] block (row half r, column half c) of H0 in the dot dtype. Half-width products keep the
     fp32 product of dd H0^T at [C, BD/2] (32 registers a thread at 4 warps), so x, u, dd, M and it fit."""
@@ -188,7 +188,10 @@ def _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam, Ka, Kb, Haa,
     ub = pb * E[:, None] + ub
     xk = tl.dot(db, tl.trans(Kb), acc=tl.dot(da, tl.trans(Ka), input_precision=DOT_PREC),
                 input_precision=DOT_PREC)
-    xs = (xk * M).to(dt)
+    if XS_ASM:  # the masked scores rounded by packed cvt too (same rounding, fewer instructions)
+        xs = _to_dot(xk * M, dt, ASM)
+    else:
+        xs = (xk * M).to(dt)
     ua = tl.dot(xs, Ka, acc=ua, input_precision=DOT_PREC)
     ub = tl.dot(xs, Kb, acc=ub, input_precision=DOT_PREC)
     weight = 4.0 / (4.0 - rho_sq * weight)
@@ -203,7 +206,7 @@ def _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam, Ka, Kb, Haa,
 
 @triton.jit
 def _cheb_halves(rhs_a, rhs_b, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num_iter, DOT_PREC: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 INTERPRET: tl.constexpr, XS_ASM: tl.constexpr = False):
     """_cheb_resid on column halves (see _halves_step); returns the solution's halves (fp32)."""
     step = 2.0 / (upper + lam)
     rho = (upper - lam) / (upper + lam)
@@ -221,13 +224,13 @@ def _cheb_halves(rhs_a, rhs_b, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num
         while i < num_iter:
             da, db, xa, xb, ua, ub, weight = _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam,
                                                           Ka, Kb, Haa, Hab, Hba, Hbb, M, E, DOT_PREC,
-                                                          ASM)
+                                                          ASM, XS_ASM)
             i += 1
     else:
         for _ in range(num_iter):
             da, db, xa, xb, ua, ub, weight = _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam,
                                                           Ka, Kb, Haa, Hab, Hba, Hbb, M, E, DOT_PREC,
-                                                          ASM)
+                                                          ASM, XS_ASM)
     return xa, xb
 
 
@@ -247,7 +250,8 @@ def _state_at(ptr, bh, n, N, R, D, row0, col0, BR: tl.constexpr, BD: tl.constexp
 
 @triton.jit
 def _solve_halves(rhs, rhs_dtype, k, h_states, b, h, bh, n, T, H, N, D, M, E, lam, upper, num_iter,
-                  C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                  C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+                  XS_ASM: tl.constexpr = False):
     """Loads the halves of the right-hand side (a [B, T, H, D] tensor), K and H0 and runs _cheb_halves."""
     BH: tl.constexpr = BD // 2
     Ka = _load(_tile_at(k, b, h, n, T, H, D, 0, C, BH))
@@ -259,7 +263,7 @@ def _solve_halves(rhs, rhs_dtype, k, h_states, b, h, bh, n, T, H, N, D, M, E, la
     Hbb = _load(_state_at(h_states, bh, n, N, D, D, BH, BH, BH, BH)).to(dt)
     ra = _load(_tile_at(rhs, b, h, n, T, H, D, 0, C, BH))
     rb = _load(_tile_at(rhs, b, h, n, T, H, D, BH, C, BH))
-    return _cheb_halves(ra, rb, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num_iter, DOT_PREC, INTERPRET)
+    return _cheb_halves(ra, rb, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num_iter, DOT_PREC, INTERPRET, XS_ASM)
 
 
 @triton.jit
@@ -497,6 +501,7 @@ def _gka_fwd_chunk(
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr,
     SPLIT: tl.constexpr, INTERPRET: tl.constexpr, RESID: tl.constexpr = 2, READ_SPLIT: tl.constexpr = False,
+    XS_ASM: tl.constexpr = False,
 ):
     """One chunk of one (batch, head): norms, Chebyshev solve, alpha-connection, readout. Grid (N, B * H)."""
     n = tl.program_id(0)
@@ -527,7 +532,7 @@ def _gka_fwd_chunk(
     if RESID == 2:  # column halves (BD >= 32)
         BH: tl.constexpr = BD // 2
         Xa, Xb = _solve_halves(q, q, k, h_states, b, h, bh, n, T, H, N, D, M, E, lam, norm + lam, num_iter,
-                               C, BD, DOT_PREC, INTERPRET)
+                               C, BD, DOT_PREC, INTERPRET, XS_ASM)
         tl.store(_tile_at(x_out, b, h, n, T, H, D, 0, C, BH), Xa, boundary_check=(0, 1))
         tl.store(_tile_at(x_out, b, h, n, T, H, D, BH, C, BH), Xb, boundary_check=(0, 1))
         if HAS_ALPHA:
@@ -625,13 +630,14 @@ def _gka_bwd_readout(
     T, H, N, D, DV, scale,
     HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, PART: tl.constexpr = 0,
+    HALVES: tl.constexpr = False,
 ):
     """Backward of the readout o = scale (((qt K^T) * M) V + E * (qt U0^T)) and of qt = q + alpha (x - q).
 
     dqt = scale (((dO V^T) * M) K + E * (dO U0)); writes dx = alpha dqt (the right-hand side of the second
     solve), (1 - alpha) dqt, dalpha, the readout's dK, dV and dG, and the chunk's dU0 contribution.
     PART 1: dx, (1 - alpha) dqt, dalpha, dG; PART 2: dV, dK, dU0 (recomputing qt, dO V^T, qt K^T): two
-    launches with fewer live tiles.
+    launches with fewer live tiles. HALVES (with PART 1, BD >= 32): every [C, BD] fp32 tile in column halves.
     """
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
     K = _load(_tile(k, b, h, n, T, H, D, C, BD))
@@ -639,47 +645,85 @@ def _gka_bwd_readout(
     G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     M = _decay_mask(G, C)
     E = tl.exp(G)
-    # Ordered so that at most ~three [C, BD] fp32 tiles are live (v5's order spilled 9 kB a thread).
-    X = _load(_tile(x_saved, b, h, n, T, H, D, C, BD))
-    if HAS_ALPHA:
-        a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
-        Q = _load(_tile(q, b, h, n, T, H, D, C, BD)).to(tl.float32)
-        xq = X - Q
-        qt = Q + a[:, None] * xq
-    else:
-        qt = X
-    dO = _load(_tile(do, b, h, n, T, H, DV, C, BDV))
-    qtd = qt.to(dt)
-    V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
-    dov = tl.dot(dO, tl.trans(V), input_precision=DOT_PREC) * M  # (dO V^T) * M
-    if PART != 2:
-        do_u0 = tl.dot(dO, _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(dt), input_precision=DOT_PREC)
-        dE = scale * tl.sum(do_u0 * qt, 1)  # row c: (U0^T do_c)^T . qt_c
-        dqt = scale * tl.dot(dov.to(dt), K, acc=E[:, None] * do_u0, input_precision=DOT_PREC)
+    if HALVES:  # PART 1 only
+        BH: tl.constexpr = BD // 2
+        dO = _load(_tile(do, b, h, n, T, H, DV, C, BDV))
+        V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
+        dov = tl.dot(dO, tl.trans(V), input_precision=DOT_PREC) * M  # (dO V^T) * M
+        dovd = dov.to(dt)
         if HAS_ALPHA:
-            dx = a[:, None] * dqt
-            tl.store(dalpha + (b * T + t) * H + h, tl.sum(dqt * xq, 1), mask=tmask)
-            tl.store(_tile(dq_direct, b, h, n, T, H, D, C, BD), dqt - dx, boundary_check=(0, 1))
-        else:
-            dx = dqt
-        tl.store(_tile(dx_out, b, h, n, T, H, D, C, BD), dx.to(dx_out.dtype.element_ty), boundary_check=(0, 1))
-    scores = tl.dot(qtd, tl.trans(K), input_precision=DOT_PREC)  # qt K^T
-    if PART != 2:
-        R = scale * dov * scores  # dM * M of the readout (dov carries M)
-        tl.store(dG_part + bh * N * C + t, tl.sum(R, 1) - tl.sum(R, 0) + E * dE)
-    if PART != 1:
-        dV = scale * tl.dot(tl.trans((scores * M).to(dt)), dO, input_precision=DOT_PREC)
-        tl.store(_tile(dv_part, b, h, n, T, H, DV, C, BDV), dV, boundary_check=(0, 1))
-        dK = scale * tl.dot(tl.trans(dov.to(dt)), qtd, input_precision=DOT_PREC)
-        tl.store(_tile(dk_part, b, h, n, T, H, D, C, BD), dK, boundary_check=(0, 1))
-        # dU0 = scale (dO * E)^T qt in two row halves ([BDV/2, BD] fp32 each: the full [BDV, BD] tile alone took
-        # half the registers at 4 warps and spilled)
-        BVH: tl.constexpr = BDV // 2
+            a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
+            da = tl.zeros([C], dtype=tl.float32)
+        dE = tl.zeros([C], dtype=tl.float32)
+        scores = tl.zeros([C, C], dtype=tl.float32)
         for half in tl.static_range(2):
-            dOh = _load(_tile_at(do, b, h, n, T, H, DV, half * BVH, C, BVH))
-            du0 = scale * tl.dot(tl.trans((dOh.to(tl.float32) * E[:, None]).to(dt)), qtd, input_precision=DOT_PREC)
-            tl.store(_state_at(du_local, bh, n, N, DV, D, half * BVH, 0, BVH, BD),
-                     du0.to(du_local.dtype.element_ty), boundary_check=(0, 1))
+            c0 = half * BH
+            X = _load(_tile_at(x_saved, b, h, n, T, H, D, c0, C, BH))
+            if HAS_ALPHA:
+                xq = X - _load(_tile_at(q, b, h, n, T, H, D, c0, C, BH)).to(tl.float32)
+                qt = X - (1.0 - a)[:, None] * xq
+            else:
+                qt = X
+            Kh = _load(_tile_at(k, b, h, n, T, H, D, c0, C, BH))
+            scores = tl.dot(qt.to(dt), tl.trans(Kh), acc=scores, input_precision=DOT_PREC)
+            do_u0 = tl.dot(dO, _load(_state_at(u_states, bh, n, N, DV, D, 0, c0, BDV, BH)).to(dt),
+                           input_precision=DOT_PREC)
+            dE += tl.sum(do_u0 * qt, 1)
+            dqt = scale * tl.dot(dovd, Kh, acc=E[:, None] * do_u0, input_precision=DOT_PREC)
+            if HAS_ALPHA:
+                dx = a[:, None] * dqt
+                da += tl.sum(dqt * xq, 1)
+                tl.store(_tile_at(dq_direct, b, h, n, T, H, D, c0, C, BH), dqt - dx, boundary_check=(0, 1))
+            else:
+                dx = dqt
+            tl.store(_tile_at(dx_out, b, h, n, T, H, D, c0, C, BH), dx.to(dx_out.dtype.element_ty),
+                     boundary_check=(0, 1))
+        if HAS_ALPHA:
+            tl.store(dalpha + (b * T + t) * H + h, da, mask=tmask)
+        R = scale * dov * scores
+        tl.store(dG_part + bh * N * C + t, tl.sum(R, 1) - tl.sum(R, 0) + E * (scale * dE))
+    else:
+        # Ordered so that at most ~three [C, BD] fp32 tiles are live (v5's order spilled 9 kB a thread).
+        X = _load(_tile(x_saved, b, h, n, T, H, D, C, BD))
+        if HAS_ALPHA:
+            a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
+            Q = _load(_tile(q, b, h, n, T, H, D, C, BD)).to(tl.float32)
+            xq = X - Q
+            qt = Q + a[:, None] * xq
+        else:
+            qt = X
+        dO = _load(_tile(do, b, h, n, T, H, DV, C, BDV))
+        qtd = qt.to(dt)
+        V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
+        dov = tl.dot(dO, tl.trans(V), input_precision=DOT_PREC) * M  # (dO V^T) * M
+        if PART != 2:
+            do_u0 = tl.dot(dO, _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(dt), input_precision=DOT_PREC)
+            dE = scale * tl.sum(do_u0 * qt, 1)  # row c: (U0^T do_c)^T . qt_c
+            dqt = scale * tl.dot(dov.to(dt), K, acc=E[:, None] * do_u0, input_precision=DOT_PREC)
+            if HAS_ALPHA:
+                dx = a[:, None] * dqt
+                tl.store(dalpha + (b * T + t) * H + h, tl.sum(dqt * xq, 1), mask=tmask)
+                tl.store(_tile(dq_direct, b, h, n, T, H, D, C, BD), dqt - dx, boundary_check=(0, 1))
+            else:
+                dx = dqt
+            tl.store(_tile(dx_out, b, h, n, T, H, D, C, BD), dx.to(dx_out.dtype.element_ty), boundary_check=(0, 1))
+        scores = tl.dot(qtd, tl.trans(K), input_precision=DOT_PREC)  # qt K^T
+        if PART != 2:
+            R = scale * dov * scores  # dM * M of the readout (dov carries M)
+            tl.store(dG_part + bh * N * C + t, tl.sum(R, 1) - tl.sum(R, 0) + E * dE)
+        if PART != 1:
+            dV = scale * tl.dot(tl.trans((scores * M).to(dt)), dO, input_precision=DOT_PREC)
+            tl.store(_tile(dv_part, b, h, n, T, H, DV, C, BDV), dV, boundary_check=(0, 1))
+            dK = scale * tl.dot(tl.trans(dov.to(dt)), qtd, input_precision=DOT_PREC)
+            tl.store(_tile(dk_part, b, h, n, T, H, D, C, BD), dK, boundary_check=(0, 1))
+            # dU0 = scale (dO * E)^T qt in two row halves ([BDV/2, BD] fp32 each: the full [BDV, BD] tile alone took
+            # half the registers at 4 warps and spilled)
+            BVH: tl.constexpr = BDV // 2
+            for half in tl.static_range(2):
+                dOh = _load(_tile_at(do, b, h, n, T, H, DV, half * BVH, C, BVH))
+                du0 = scale * tl.dot(tl.trans((dOh.to(tl.float32) * E[:, None]).to(dt)), qtd, input_precision=DOT_PREC)
+                tl.store(_state_at(du_local, bh, n, N, DV, D, half * BVH, 0, BVH, BD),
+                         du0.to(du_local.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -688,7 +732,7 @@ def _gka_bwd_solve(
     T, H, N, D, ridge, num_iter,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr, SPLIT: tl.constexpr,
-    INTERPRET: tl.constexpr, RESID: tl.constexpr = 2,
+    INTERPRET: tl.constexpr, RESID: tl.constexpr = 2, XS_ASM: tl.constexpr = False,
 ):
     """The second Chebyshev solve Y = A^{-1} dx (forward's bounds): writes Y (for _gka_bwd_grads) and
     dq = (1 - alpha) dqt + Y. Nothing but the solver is live here (the grads are a separate launch), so
@@ -706,7 +750,7 @@ def _gka_bwd_solve(
     if RESID == 2:
         BH: tl.constexpr = BD // 2
         Ya, Yb = _solve_halves(dx_in, dx_in, k, h_states, b, h, bh, n, T, H, N, D, M, E, lam, norm + lam,
-                               num_iter, C, BD, DOT_PREC, INTERPRET)
+                               num_iter, C, BD, DOT_PREC, INTERPRET, XS_ASM)
         tl.store(_tile_at(y_out, b, h, n, T, H, D, 0, C, BH), Ya.to(y_out.dtype.element_ty), boundary_check=(0, 1))
         tl.store(_tile_at(y_out, b, h, n, T, H, D, BH, C, BH), Yb.to(y_out.dtype.element_ty),
                  boundary_check=(0, 1))
@@ -753,7 +797,7 @@ def _gka_bwd_grads(
     k, g, h_states, x_saved, norm_saved, stats, y_in, dk_part, dG_part, dh_local,
     T, H, N, D, ridge,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
-    PART: tl.constexpr = 0,
+    PART: tl.constexpr = 0, HALVES: tl.constexpr = False,
 ):
     """The grads of dA_c = -y_c x_c^T (Y from _gka_bwd_solve) through A_c = E_c H0 + sum_j M[c, j] k_j k_j^T
     + lam_c I and, in adaptive mode, through lam_c = a ||H_c||_F and the chunk formula for ||H_c||_F^2.
@@ -764,13 +808,77 @@ def _gka_bwd_grads(
     + 2 sum_j w_j k_j k_j^T and dk_j gains 4 w_j H0 k_j + 4 ((M^T diag(s) M) * (K K^T)) K, w = M^T (s E)
     (H0 symmetric). Phases ordered so that at most ~two [C, BD] fp32 tiles are live (a 64-row dot gains
     nothing from 8 warps: Triton stacks both warpgroups on the same rows); dH0 in two column halves.
+    HALVES (with PART 1, BD >= 32): X, Y, dK and the products with H0 in column halves ([C, BD/2] fp32 tiles).
     """
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
     BH: tl.constexpr = BD // 2
     G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     E = tl.exp(G)
     sbase = stats + bh * 2 * (N * C + N)  # energy (N C), ||H0||^2 (N), w (N C), H0's coefficient (N)
-    if PART != 2:
+    if HALVES:  # PART 1 only
+        K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+        dt = K.dtype
+        M = _decay_mask(G, C)
+        Yd = _load(_tile(y_in, b, h, n, T, H, D, C, BD)).to(dt)
+        yx = tl.zeros_like(E)
+        dE = tl.zeros_like(E)
+        for half in tl.static_range(2):
+            c0 = half * BH
+            Xh = _load(_tile_at(x_saved, b, h, n, T, H, D, c0, C, BH))
+            yx += tl.sum(_load(_tile_at(y_in, b, h, n, T, H, D, c0, C, BH)).to(tl.float32) * Xh, 1)
+            yh0 = tl.dot(Yd, _load(_state_at(h_states, bh, n, N, D, D, 0, c0, BD, BH)).to(dt),
+                         input_precision=DOT_PREC)  # columns c0.. of Y H0
+            dE -= tl.sum(yh0 * Xh, 1)  # -y_c^T H0 x_c
+        dg_row = tl.zeros_like(E)
+        dg_col = tl.zeros_like(E)
+        if ADAPTIVE:
+            norm = tl.load(norm_saved + bh * N * C + t)
+            s = ridge * -yx / (2.0 * norm)
+            energy = tl.load(sbase + t)
+            h_sq = tl.load(sbase + N * C + n)
+            kk = tl.dot(K, tl.trans(K), input_precision=DOT_PREC)
+            mp = tl.dot(M, kk * kk, input_precision=DOT_PREC)
+            me = tl.sum(M * energy[None, :], 1)
+            sq = E * E * h_sq + 2.0 * E * me + tl.sum(mp * M, 1)
+            s = tl.where(sq >= 0.0, s, 0.0)
+            dE += s * (2.0 * E * h_sq + 2.0 * me)
+            w = tl.sum(M * (s * E)[:, None], 0)
+            r = 2.0 * s[:, None] * (E[:, None] * energy[None, :] + mp) * M
+            dg_row += tl.sum(r, 1)
+            dg_col += tl.sum(r, 0)
+            dpk = (4.0 * tl.dot(tl.trans(M * s[:, None]), M, input_precision=DOT_PREC) * kk).to(dt)
+            kw = (K.to(tl.float32) * (4.0 * w)[:, None]).to(dt)
+            tl.store(sbase + N * C + N + t, w)
+            tl.store(sbase + 2 * N * C + N + n, 2.0 * tl.sum(s * E * E, 0))
+        xk = tl.zeros([C, C], dtype=tl.float32)
+        yk = tl.zeros([C, C], dtype=tl.float32)
+        for half in tl.static_range(2):
+            c0 = half * BH
+            Kh = _load(_tile_at(k, b, h, n, T, H, D, c0, C, BH))
+            xk = tl.dot(_load(_tile_at(x_saved, b, h, n, T, H, D, c0, C, BH)).to(dt), tl.trans(Kh), acc=xk,
+                        input_precision=DOT_PREC)
+            yk = tl.dot(_load(_tile_at(y_in, b, h, n, T, H, D, c0, C, BH)).to(dt), tl.trans(Kh), acc=yk,
+                        input_precision=DOT_PREC)
+        r = -xk * yk * M
+        dg_row += tl.sum(r, 1)
+        dg_col += tl.sum(r, 0)
+        dG_ptr = dG_part + bh * N * C + t
+        tl.store(dG_ptr, tl.load(dG_ptr) + dg_row - dg_col + E * dE)
+        xkm = tl.trans((-xk * M).to(dt))
+        ykm = tl.trans((-yk * M).to(dt))
+        for half in tl.static_range(2):
+            c0 = half * BH
+            Xh = _load(_tile_at(x_saved, b, h, n, T, H, D, c0, C, BH)).to(dt)
+            Yh = _load(_tile_at(y_in, b, h, n, T, H, D, c0, C, BH)).to(dt)
+            dK = tl.dot(ykm, Xh, acc=tl.dot(xkm, Yh, input_precision=DOT_PREC), input_precision=DOT_PREC)
+            if ADAPTIVE:
+                Kh = _load(_tile_at(k, b, h, n, T, H, D, c0, C, BH))
+                H0c = _load(_state_at(h_states, bh, n, N, D, D, 0, c0, BD, BH)).to(dt)
+                dK = tl.dot(dpk, Kh, acc=tl.dot(kw, H0c, acc=dK, input_precision=DOT_PREC),
+                            input_precision=DOT_PREC)
+            dk_tile = _tile_at(dk_part, b, h, n, T, H, D, c0, C, BH)
+            tl.store(dk_tile, _load(dk_tile) + dK, boundary_check=(0, 1))
+    elif PART != 2:
         K = _load(_tile(k, b, h, n, T, H, D, C, BD))
         dt = K.dtype
         M = _decay_mask(G, C)
@@ -920,10 +1028,13 @@ def _gka_bwd_carry(
     k, v, g, h_states, u_states, dh_end, du_end, dk_part, dv_part, dG_part, dk, dv, dg,
     T, H, N, D, DV,
     HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr,
+    HALVES: tl.constexpr = False,
 ):
     """Adds what the state gradients at the chunk end (Z, dU) give k, v and G, then dg = reverse cumsum of dG.
 
     H_end = e^{G_last} H0 + sum_j e^{G_last - G_j} k_j k_j^T, U_end likewise with v_j k_j^T. Grid (N, B * H).
+    HALVES (BD, BDV >= 32): every product and state tile in column / row halves ([C, BD/2] fp32 results,
+    [BD/2, BD] state slices), so no [BD, BD] fp32 tile is ever live.
     """
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
     K = _load(_tile(k, b, h, n, T, H, D, C, BD))
@@ -931,28 +1042,66 @@ def _gka_bwd_carry(
     dt = K.dtype
     G, g_last = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     to_end = tl.exp(g_last - G)
-    Z = _load(_state(dh_end, bh, n, N, D, D, BD, BD)).to(dt)
-    dU = _load(_state(du_end, bh, n, N, DV, D, BDV, BD)).to(dt)
-    # row j: ((Z + Z^T) k_j)^T (k_j^T Z k_j is half its product with k_j)
-    kzz = tl.dot(K, tl.trans(Z), acc=tl.dot(K, Z, input_precision=DOT_PREC), input_precision=DOT_PREC)
-    vdu = tl.dot(V, dU, input_precision=DOT_PREC)  # row j: (dU^T v_j)^T
-    dK = to_end[:, None] * (kzz + vdu)
-    dK += _load(_tile(dk_part, b, h, n, T, H, D, C, BD))
-    tl.store(_tile(dk, b, h, n, T, H, D, C, BD), dK.to(dk.dtype.element_ty), boundary_check=(0, 1))
-    if HAS_G:
-        energy = to_end * tl.sum((0.5 * kzz + vdu) * K.to(tl.float32), 1)  # e^{G_last - G_j} (k^T Z k + v^T dU k)
-    kdut = tl.dot(K, tl.trans(dU), input_precision=DOT_PREC)  # row j: (dU k_j)^T
-    dV = to_end[:, None] * kdut
-    dV += _load(_tile(dv_part, b, h, n, T, H, DV, C, BDV))
-    tl.store(_tile(dv, b, h, n, T, H, DV, C, BDV), dV.to(dv.dtype.element_ty), boundary_check=(0, 1))
+    if HALVES:
+        BH: tl.constexpr = BD // 2
+        BVH: tl.constexpr = BDV // 2
+        energy = tl.zeros([C], dtype=tl.float32)
+        through = 0.0
+        for half in tl.static_range(2):
+            c0 = half * BH
+            Zc = _load(_state_at(dh_end, bh, n, N, D, D, 0, c0, BD, BH)).to(dt)  # Z[:, c0:c0 + BH]
+            Zr = _load(_state_at(dh_end, bh, n, N, D, D, c0, 0, BH, BD))  # Z[c0:c0 + BH, :]
+            dUc = _load(_state_at(du_end, bh, n, N, DV, D, 0, c0, BDV, BH)).to(dt)  # dU[:, c0:c0 + BH]
+            # columns c0.. of K (Z + Z^T) and of V dU
+            kzz = tl.dot(K, tl.trans(Zr.to(dt)), acc=tl.dot(K, Zc, input_precision=DOT_PREC),
+                         input_precision=DOT_PREC)
+            vdu = tl.dot(V, dUc, input_precision=DOT_PREC)
+            dK = to_end[:, None] * (kzz + vdu) + _load(_tile_at(dk_part, b, h, n, T, H, D, c0, C, BH))
+            tl.store(_tile_at(dk, b, h, n, T, H, D, c0, C, BH), dK.to(dk.dtype.element_ty), boundary_check=(0, 1))
+            if HAS_G:
+                Kh = _load(_tile_at(k, b, h, n, T, H, D, c0, C, BH)).to(tl.float32)
+                energy += tl.sum((0.5 * kzz + vdu) * Kh, 1)
+                H0r = _load(_state_at(h_states, bh, n, N, D, D, c0, 0, BH, BD))
+                through += tl.sum(tl.sum(Zr.to(tl.float32) * H0r.to(tl.float32), 1), 0)
+        for half in tl.static_range(2):
+            r0 = half * BVH
+            dUr = _load(_state_at(du_end, bh, n, N, DV, D, r0, 0, BVH, BD))  # dU[r0:r0 + BVH, :]
+            kdut = tl.dot(K, tl.trans(dUr.to(dt)), input_precision=DOT_PREC)  # columns r0.. of K dU^T
+            dV = to_end[:, None] * kdut + _load(_tile_at(dv_part, b, h, n, T, H, DV, r0, C, BVH))
+            tl.store(_tile_at(dv, b, h, n, T, H, DV, r0, C, BVH), dV.to(dv.dtype.element_ty),
+                     boundary_check=(0, 1))
+            if HAS_G:
+                U0r = _load(_state_at(u_states, bh, n, N, DV, D, r0, 0, BVH, BD))
+                through += tl.sum(tl.sum(dUr.to(tl.float32) * U0r.to(tl.float32), 1), 0)
+        if HAS_G:
+            energy = to_end * energy
+            dG = tl.load(dG_part + bh * N * C + t) - energy
+            dG += tl.where(tl.arange(0, C) == C - 1, tl.sum(energy, 0) + tl.exp(g_last) * through, 0.0)
+            dg_t = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+            tl.store(dg + (b * T + t) * H + h, dg_t, mask=tmask)
+    else:
+        Z = _load(_state(dh_end, bh, n, N, D, D, BD, BD)).to(dt)
+        dU = _load(_state(du_end, bh, n, N, DV, D, BDV, BD)).to(dt)
+        # row j: ((Z + Z^T) k_j)^T (k_j^T Z k_j is half its product with k_j)
+        kzz = tl.dot(K, tl.trans(Z), acc=tl.dot(K, Z, input_precision=DOT_PREC), input_precision=DOT_PREC)
+        vdu = tl.dot(V, dU, input_precision=DOT_PREC)  # row j: (dU^T v_j)^T
+        dK = to_end[:, None] * (kzz + vdu)
+        dK += _load(_tile(dk_part, b, h, n, T, H, D, C, BD))
+        tl.store(_tile(dk, b, h, n, T, H, D, C, BD), dK.to(dk.dtype.element_ty), boundary_check=(0, 1))
+        if HAS_G:
+            energy = to_end * tl.sum((0.5 * kzz + vdu) * K.to(tl.float32), 1)  # e^{G_last - G_j} (k^T Z k + v^T dU k)
+        kdut = tl.dot(K, tl.trans(dU), input_precision=DOT_PREC)  # row j: (dU k_j)^T
+        dV = to_end[:, None] * kdut
+        dV += _load(_tile(dv_part, b, h, n, T, H, DV, C, BDV))
+        tl.store(_tile(dv, b, h, n, T, H, DV, C, BDV), dV.to(dv.dtype.element_ty), boundary_check=(0, 1))
 
-    if HAS_G:
-        H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD))
-        U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD))
-        through_start = tl.exp(g_last) * (tl.sum(tl.sum(Z.to(tl.float32) * H0.to(tl.float32), 1), 0)
-                                          + tl.sum(tl.sum(dU.to(tl.float32) * U0.to(tl.float32), 1), 0))
-        dG = tl.load(dG_part + bh * N * C + t) - energy
-        dG += tl.where(tl.arange(0, C) == C - 1, tl.sum(energy, 0) + through_start, 0.0)
-        # g_t enters G_c for every c >= t of the chunk.
-        dg_t = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
-        tl.store(dg + (b * T + t) * H + h, dg_t, mask=tmask)
+        if HAS_G:
+            H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD))
+            U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD))
+            through_start = tl.exp(g_last) * (tl.sum(tl.sum(Z.to(tl.float32) * H0.to(tl.float32), 1), 0)
+                                              + tl.sum(tl.sum(dU.to(tl.float32) * U0.to(tl.float32), 1), 0))
+            dG = tl.load(dG_part + bh * N * C + t) - energy
+            dG += tl.where(tl.arange(0, C) == C - 1, tl.sum(energy, 0) + through_start, 0.0)
+            # g_t enters G_c for every c >= t of the chunk.
+            dg_t = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+            tl.store(dg + (b * T + t) * H + h, dg_t, mask=tmask)
