@@ -122,3 +122,18 @@ def test_lab_bench_sweep_runs_every_variant(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and r["trials_per_hour"] > 0 for r in rows)
     assert main(["bench", "sweep", "members=0"]) == 2
     assert "every number must be >= 1" in capsys.readouterr().err
+
+
+def test_compiled_training_matches_eager(tmp_path, single_thread):
+    """trainer.compile=true (one run and a stack) trains as eager does: a graph break or a recompile loop
+    would show up as an error or a timeout here, a wrong fused kernel as a different loss."""
+    def runs(name, compiled, lrs):
+        return [load_config([], TINY + [f"trainer.lr={lr}", f"runs_dir={tmp_path}", f"run_name={name}{i}",
+                                        f"trainer.compile={compiled}"]) for i, lr in enumerate(lrs)]
+
+    eager, compiled = train(runs("eager", False, [3e-3])[0]), train(runs("compiled", True, [3e-3])[0])
+    assert compiled["final"]["val/loss"] == pytest.approx(eager["final"]["val/loss"], rel=1e-4)
+    stack_eager = train_stacked(runs("se", False, [3e-3, 1e-2]))
+    stack_compiled = train_stacked(runs("sc", True, [3e-3, 1e-2]))
+    for one, member in zip(stack_eager, stack_compiled, strict=True):
+        assert member["final"]["val/loss"] == pytest.approx(one["final"]["val/loss"], rel=1e-4)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.common import fold_members
 from lab.errors import LabError
@@ -42,8 +43,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """Causal SDPA on [B, H, T, D]. Under vmap (stacked models, lab/stacked.py) PyTorch has no batching rule
     for SDPA and loops over the members; _FoldedAttention folds them into the batch instead."""
     if torch._C._functorch.is_batchedtensor(q):
-        return _FoldedAttention.apply(q, k, v)
+        with sdpa_kernel(_FOLDED_BACKENDS):  # torch.compile traces the Function's forward right here
+            return _FoldedAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+# cuDNN's SDPA in a vmapped model breaks Inductor (torch 2.11: "expected Tensor() for op
+# _scaled_dot_product_cudnn_attention" at run time), so stacked models pick among the others
+_FOLDED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class _FoldedAttention(torch.autograd.Function):
@@ -58,7 +65,7 @@ class _FoldedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # recompute the forward (SDPA keeps no graph inside a Function); attention is a small part of a step
-        with torch.enable_grad():
+        with torch.enable_grad(), sdpa_kernel(_FOLDED_BACKENDS):
             inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
             out = F.scaled_dot_product_attention(*inputs, is_causal=True)
         return torch.autograd.grad(out, inputs, grad)
