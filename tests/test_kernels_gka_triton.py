@@ -170,9 +170,9 @@ def test_dispatch():
 
 @pytest.mark.parametrize("low_states", [False, True])
 def test_fp16_low_precision_path(low_states, monkeypatch):
-    # fp16 inputs take the GPU's low-precision solver path (the iterate's last step kept in the input dtype,
-    # the X K^T product split into hi + lo parts; optionally the chunk states stored in fp16); the
-    # interpreter's fp16 dot is exact enough to check it.
+    # fp16 inputs take the GPU's low-precision path (the solver's steps rounded to the input dtype in residual
+    # form, the readout's qt as hi + lo parts, dx and y stored in fp16; optionally the chunk states in fp16);
+    # the interpreter's fp16 dot is exact enough to check it.
     monkeypatch.setitem(gka_triton.LAUNCH_OVERRIDES, "low_states", low_states)
     inputs = make_inputs(21, 100, heads=1, key_dim=32, value_dim=32)
     inputs = {n: None if x is None else x.half().double() if n in ("q", "k", "v") else x for n, x in inputs.items()}
@@ -213,9 +213,9 @@ def test_vmap_folds_members_into_the_batch():
 
 LAUNCH_VARIANTS = {
     # launch settings the GPU may run (kernels/gka/triton/__init__.py, _launch_config): each must give the default's
-    # outputs and grads
-    "halves": {"carry_halves": True, "readout_halves": True, "grads_halves": True, "xs_asm": True},
-    "scan-trans-decay": {"scan_trans": True, "scan_decay": True, "scan_block": 128, "scan_depth": 2},
+    # outputs and grads. Small scan tiles: several element blocks and several groups of chunks per scan.
+    "scan-tiles": {"scan_block": 128, "scan_depth": 2},
+    "carry-partials": {"carry_partials": True, "scan_block": 256, "scan_depth": 2},
 }
 
 

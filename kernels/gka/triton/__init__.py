@@ -68,72 +68,62 @@ def _block(dim: int) -> int:
 
 
 def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Launch settings (warps per kernel; the solver's LEAN and SPLIT modes, kernels._chebyshev/_apply_A).
-
-    Chosen from H200 profiles at 1 x 32768 x 8 x 128 bf16 (NOTES.md); LAUNCH_OVERRIDES replaces any.
+    """Launch settings (warps per kernel, scan tiling, storage dtypes). Chosen from H200 profiles at
+    4 x 8192 x 8 x 128 and 1 x 32768 x 8 x 128 bf16 (NOTES.md, run_all.py); LAUNCH_OVERRIDES replaces any.
     """
     low = dtype != torch.float32
-    # low_states: chunk states and the backward's state buffers in the input dtype (every consumer casts
-    # them to it for the products anyway; the scans accumulate in fp32 registers). Measured on the H200
-    # (2026-11-30, run_all's sweep): part of the fastest setting at 1 x 32768 x 8 x 128 bf16 (12.7 vs 14.0 ms).
-    cfg = {"fwd_lean": False, "bwd_lean": low, "split": low, "low_states": low, "solver": "halves",
-           "read_split": low, "bwd_fuse": False,  # bwd_fuse: readout + solve in one launch, 0.5 ms slower (v6)
-           # run_all's sweep on the H200 (2026-11-30 02:43 UTC, v7): the fastest per kernel group at 1x32768x8x128
-           "scan": "elem", "scan_block": 1024, "scan_depth": 16, "scan_elem_warps": 8, "contrib_warps": 4,
-           "grads_split": True, "grads2_warps": 8, "readout_split": True, "readout2_warps": 4,
-           "scan_decay": False, "scan_trans": False,  # scan_decay, scan_trans: v8 candidates, not yet measured
-           # v9 candidates (not yet measured): carry, readout part 1, grads part 1 on column halves; packed cvt of the
-           # solver's masked scores
-           "carry_halves": False, "readout_halves": False, "grads_halves": False, "xs_asm": False,
-           # ptxas register caps (launch option maxnreg; None: no cap): more CTAs per SM for more spills
-           "fwd_maxnreg": None, "bwd_maxnreg": None, "carry_maxnreg": None}
+    cfg = {
+        # low_states: chunk states and the backward's state buffers in the input dtype (every consumer casts
+        # them to it for the products anyway; the scans accumulate in fp32 registers): 12.7 vs 14.0 ms (v5).
+        "low_states": low,
+        # bwd_lean: the second solve's right-hand side dx and its solution y stored in the input dtype
+        "bwd_lean": low,
+        # read_split: the forward readout's qt as bf16 hi + lo operands (o 9.6e-3 -> 4.3e-3 from float64, v6)
+        "read_split": low,
+        # run_all's sweep on the H200 (2026-11-30 04:38 UTC, v9): the fastest per kernel group at 4x8192x8x128
+        "scan_block": 1024, "scan_depth": 16, "scan_elem_warps": 4, "contrib_warps": 4,
+        "readout_warps": 4, "readout2_warps": 4, "grads_warps": 4, "grads2_warps": 4,
+        # v10 candidate (not yet measured): the carry's <Z, H0> + <dU, U0> as partial sums from the backward scan
+        "carry_partials": False,
+    }
     if interpreting():
-        cfg |= {"fwd_warps": 4, "bwd_warps": 4, "grads_warps": 4, "readout_warps": 4, "carry_warps": 4,
-                "scan_rows": 16, "scan_warps": 4, "scan_bwd_warps": 4}
+        cfg |= {"fwd_warps": 4, "bwd_warps": 4, "carry_warps": 4}
     else:
-        wide = head_dim > 64
         cfg |= {
-            "fwd_warps": 4 if low else 8,  # fp32 (tf32x3): 4 warps spill heavily (ptxas)
-            "bwd_warps": 4 if low else 8,  # fp32 (tf32x3): 4 warps spill heavily (ptxas)
-            "grads_warps": 8,  # 4 warps spill 3x more (ptxas) and ran 2.7x slower (v6 sweep)
-            "readout_warps": 4,
-            "carry_warps": 8 if wide else 4,
-            "scan_rows": 16,
-            "scan_warps": 4,
-            "scan_bwd_warps": 8,
+            "fwd_warps": 4 if low else 8,  # fp32 (tf32x3): 4 warps spill heavily (ptxas); bf16 at 8: 1.9x slower (v9)
+            "bwd_warps": 4 if low else 8,
+            "carry_warps": 8 if head_dim > 64 else 4,  # 4 warps: 2.3x slower at D = 128 (v6)
         }
     return cfg | LAUNCH_OVERRIDES
 
 
-def _scan_elem(h_buf, u_buf, g32, h_init, u_init, h_out, u_out, cfg, chunk_size, reverse, decay=None):
-    """kernels._state_scan_elem over the [B, H, N, rows, Dk] buffers (in place), H's and U's in one launch."""
+def _scan_blocks(cfg: dict, key_dim: int, value_dim: int) -> tuple[int, int]:
+    """(elements a program, programs a (batch, head)) of kernels._state_scan_elem."""
+    block = min(cfg["scan_block"], triton.next_power_of_2(key_dim * max(key_dim, value_dim)))
+    return block, triton.cdiv(key_dim**2, block) + triton.cdiv(value_dim * key_dim, block)
+
+
+def _scan_elem(h_buf, u_buf, decay, h_init, u_init, h_out, u_out, cfg, reverse, partial=None, states=None):
+    """kernels._state_scan_elem over the [B, H, N, rows, Dk] buffers (in place), H's and U's in one launch;
+    decay: _chunk_contrib's e^{G_last} per chunk (None without gates); partial, states: PARTIALS' buffer and the
+    forward's (h_states, u_states)."""
     batch, heads, num_chunks, key_dim = h_buf.shape[:4]
     value_dim = u_buf.shape[3]
-    block = min(cfg["scan_block"], triton.next_power_of_2(key_dim * max(key_dim, value_dim)))
-    grid = (triton.cdiv(key_dim**2, block) + triton.cdiv(value_dim * key_dim, block), batch * heads)
-    seq_len = g32.shape[1] if g32 is not None else num_chunks * chunk_size
-    K._state_scan_elem[grid](
-        h_buf, u_buf, h_out if g32 is None else g32, h_out if decay is None else decay,
-        h_out if h_init is None else h_init,
-        u_out if u_init is None else u_init, h_out, u_out, seq_len, heads, num_chunks, key_dim, value_dim,
-        HAS_G=g32 is not None, HAS_INIT=h_init is not None, REVERSE=reverse, C=chunk_size, BLOCK=block,
-        DEPTH=cfg["scan_depth"], INTERPRET=interpreting(), DECAY_BUF=decay is not None, TRANS=cfg["scan_trans"],
+    block, blocks = _scan_blocks(cfg, key_dim, value_dim)
+    h_states, u_states = (h_out, h_out) if states is None else states
+    K._state_scan_elem[(blocks, batch * heads)](
+        h_buf, u_buf, h_out if decay is None else decay, h_out if h_init is None else h_init,
+        u_out if u_init is None else u_init, h_out, u_out, h_states, u_states, h_out if partial is None else partial,
+        num_chunks, key_dim, value_dim,
+        HAS_G=decay is not None, HAS_INIT=h_init is not None, REVERSE=reverse, BLOCK=block,
+        DEPTH=cfg["scan_depth"], INTERPRET=interpreting(), PARTIALS=partial is not None,
         num_warps=cfg["scan_elem_warps"],
     )
 
 
-def _resid_mode(cfg: dict, block_dim: int) -> int:
-    """kernels' RESID: 0 the v5 solver (LEAN/SPLIT), 1 residual form, 2 residual form on column halves."""
-    solver = cfg["solver"]
-    if solver == "halves" and block_dim < 32:  # half tiles narrower than 16 can't be dot operands
-        solver = "resid"
-    return {"v5": 0, "resid": 1, "halves": 2}[solver]
-
-
-def _maxnreg(cfg: dict, kernel: str) -> dict:
-    """The launch option maxnreg of a kernel, if its setting caps the registers (never under the interpreter)."""
-    cap = cfg[f"{kernel}_maxnreg"]
-    return {} if cap is None or interpreting() else {"maxnreg": cap}
+def _halves(block_dim: int) -> bool:
+    """Whether the kernels split [C, D] tiles into column halves (half tiles narrower than 16 can't be dot operands)."""
+    return block_dim >= 32
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -173,36 +163,21 @@ class _TritonGKA(torch.autograd.Function):
         prec = _dot_precision(q.dtype)
         dummy = x  # stands in for absent optional tensors (never read: the HAS_* flags are off)
 
-        if cfg["scan"] == "elem":  # chunk-parallel contributions, then an elementwise scan over the chunks
-            # scan_decay: e^{G_last} of every chunk kept from _chunk_contrib for both scans
-            decay = torch.empty(batch, heads, num_chunks, **f32) if cfg["scan_decay"] and g32 is not None else None
-            K._chunk_contrib[(num_chunks, batch * heads)](
-                k, v, dummy if g32 is None else g32, h_states, u_states, dummy if decay is None else decay,
-                seq_len, heads, num_chunks, key_dim, value_dim,
-                HAS_G=g32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, STORE_DECAY=decay is not None,
-                num_warps=cfg["contrib_warps"],
-            )
-            _scan_elem(h_states, u_states, g32, h0_32, u0_32, h_final, u_final, cfg, chunk_size, reverse=False,
-                       decay=decay)
-        else:
-            decay = None
-            rows = cfg["scan_rows"]
-            grid = (triton.cdiv(key_dim, rows) + triton.cdiv(value_dim, rows), batch * heads)
-            K._state_scan_fwd[grid](
-                k, v, dummy if g32 is None else g32, dummy if h0_32 is None else h0_32,
-                dummy if u0_32 is None else u0_32, h_states, u_states, h_final, u_final,
-                seq_len, heads, num_chunks, key_dim, value_dim,
-                HAS_G=g32 is not None, HAS_S0=h0_32 is not None, STORE_FINAL=True,
-                C=chunk_size, BR=rows, BD=bd, DOT_PREC=prec, INTERPRET=interpreting(), num_warps=cfg["scan_warps"],
-            )
+        # chunk-parallel contributions (and e^{G_last} per chunk), then an elementwise scan over the chunks
+        decay = torch.empty(batch, heads, num_chunks, **f32) if g32 is not None else None
+        K._chunk_contrib[(num_chunks, batch * heads)](
+            k, v, dummy if g32 is None else g32, h_states, u_states, dummy if decay is None else decay,
+            seq_len, heads, num_chunks, key_dim, value_dim,
+            HAS_G=g32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["contrib_warps"],
+        )
+        _scan_elem(h_states, u_states, decay, h0_32, u0_32, h_final, u_final, cfg, reverse=False)
         K._gka_fwd_chunk[(num_chunks, batch * heads)](
             q, k, v, dummy if g32 is None else g32, dummy if a32 is None else a32,
             h_states, u_states, x, o, norm, stats,
             seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
             ADAPTIVE=adaptive, HAS_G=g32 is not None, HAS_ALPHA=a32 is not None,
-            C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, LEAN=cfg["fwd_lean"], SPLIT=cfg["split"],
-            INTERPRET=interpreting(), RESID=_resid_mode(cfg, bd), READ_SPLIT=cfg["read_split"] and low,
-            XS_ASM=cfg["xs_asm"], num_warps=cfg["fwd_warps"], **_maxnreg(cfg, "fwd"),
+            C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, INTERPRET=interpreting(), HALVES=_halves(bd),
+            READ_SPLIT=cfg["read_split"] and low, num_warps=cfg["fwd_warps"],
         )
         saved = _Saved()
         saved.tensors = (q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay)
@@ -256,69 +231,51 @@ class _TritonGKA(torch.autograd.Function):
         has_g = g32 is not None
         gp = g32 if has_g else dummy
 
-        # LEAN: the second solve's right-hand side in the input dtype (bf16 inputs: ~bf16 rounding of dq).
+        # bwd_lean: the second solve's right-hand side in the input dtype (bf16 inputs: ~bf16 rounding of dq).
         dx = torch.empty(batch, seq_len, heads, key_dim, device=q.device,
                          dtype=q.dtype if cfg["bwd_lean"] else torch.float32)
         dq_direct = torch.empty(batch, seq_len, heads, key_dim, **f32) if a32 is not None else dummy
         grid = (num_chunks, batch * heads)
         # the second solve's solution, for _gka_bwd_grads (whose products take it in the input dtype anyway)
-        y = torch.empty(batch, seq_len, heads, key_dim, device=q.device, dtype=q.dtype if cfg["bwd_lean"] else torch.float32)
-        readout_args = (q, k, v, gp, a32 if a32 is not None else dummy, u_states, x, do)
-        readout_outs = (dx, dq_direct, dk_part, dv_part, dG_part, dalpha if dalpha is not None else dummy, du_buf)
-        solve_flags = {"ADAPTIVE": adaptive, "HAS_G": has_g, "HAS_ALPHA": a32 is not None, "C": chunk_size, "BD": bd,
-                       "DOT_PREC": prec, "LEAN": cfg["bwd_lean"], "SPLIT": cfg["split"], "INTERPRET": interpreting(),
-                       "RESID": _resid_mode(cfg, bd)}
-        if cfg["bwd_fuse"]:
-            K._gka_bwd_fused[grid](
-                *readout_args[:5], h_states, u_states, x, norm, do, *readout_outs, dq, y,
-                seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
-                BDV=bdv, **solve_flags, num_warps=cfg["bwd_warps"],
+        y = torch.empty(batch, seq_len, heads, key_dim, device=q.device, dtype=dx.dtype)
+        halves = _halves(bd)
+        for part in (1, 2):
+            K._gka_bwd_readout[grid](
+                q, k, v, gp, a32 if a32 is not None else dummy, u_states, x, do,
+                dx, dq_direct, dk_part, dv_part, dG_part, dalpha if dalpha is not None else dummy, du_buf,
+                seq_len, heads, num_chunks, key_dim, value_dim, float(scale),
+                HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PART=part,
+                HALVES=halves and part == 1, num_warps=cfg["readout_warps"] if part == 1 else cfg["readout2_warps"],
             )
-        else:
-            for part in (1, 2) if cfg["readout_split"] else (0,):
-                K._gka_bwd_readout[grid](
-                    *readout_args, *readout_outs, seq_len, heads, num_chunks, key_dim, value_dim, float(scale),
-                    HAS_G=has_g, HAS_ALPHA=a32 is not None,
-                    C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PART=part, HALVES=cfg["readout_halves"] and part == 1 and bd >= 32,
-                    num_warps=cfg["readout_warps"] if part < 2 else cfg["readout2_warps"],
-                )
-            K._gka_bwd_solve[grid](
-                k, gp, h_states, norm, dx, dq_direct, dq, y,
-                seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
-                **solve_flags, XS_ASM=cfg["xs_asm"], num_warps=cfg["bwd_warps"], **_maxnreg(cfg, "bwd"),
-            )
-        for part in (1, 2) if cfg["grads_split"] else (0,):
+        K._gka_bwd_solve[grid](
+            k, gp, h_states, norm, dx, dq_direct, dq, y,
+            seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
+            ADAPTIVE=adaptive, HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, DOT_PREC=prec,
+            INTERPRET=interpreting(), HALVES=halves, num_warps=cfg["bwd_warps"],
+        )
+        for part in (1, 2):
             K._gka_bwd_grads[grid](
                 k, gp, h_states, x, norm, stats, y, dk_part, dG_part, dh_buf,
                 seq_len, heads, num_chunks, key_dim, float(ridge),
                 ADAPTIVE=adaptive, HAS_G=has_g, C=chunk_size, BD=bd, DOT_PREC=prec, PART=part,
-                HALVES=cfg["grads_halves"] and part == 1 and bd >= 32,
-                num_warps=cfg["grads_warps"] if part < 2 else cfg["grads2_warps"],
+                HALVES=halves and part == 1, num_warps=cfg["grads_warps"] if part == 1 else cfg["grads2_warps"],
             )
         del y
-        block = min(1024, triton.next_power_of_2(key_dim * max(key_dim, value_dim)))
         has_final = dh_final is not None or du_final is not None
         if has_final:
             dh_final = torch.zeros_like(dh0) if dh_final is None else dh_final.float().contiguous()
             du_final = torch.zeros_like(du0) if du_final is None else du_final.float().contiguous()
-        if cfg["scan"] == "elem":
-            _scan_elem(dh_buf, du_buf, g32, dh_final if has_final else None, du_final if has_final else None,
-                       dh0, du0, cfg, chunk_size, reverse=True, decay=decay)
-        else:
-            K._state_scan_bwd[(triton.cdiv(key_dim**2, block) + triton.cdiv(value_dim * key_dim, block),
-                               batch * heads)](
-                dh_buf, du_buf, gp,
-                dh_final if has_final else dummy, du_final if has_final else dummy,
-                dh0, du0, seq_len, heads, num_chunks, key_dim, value_dim,
-                HAS_G=has_g, HAS_FINAL=has_final, C=chunk_size, BLOCK=block, INTERPRET=interpreting(),
-                num_warps=cfg["scan_bwd_warps"],
-            )
+        # carry_partials: <Z, H0> + <dU, U0> of each chunk as the scan's per-block partial sums
+        blocks = _scan_blocks(cfg, key_dim, value_dim)[1]
+        partial = torch.empty(batch * heads, num_chunks, blocks, **f32) if cfg["carry_partials"] and has_g else None
+        _scan_elem(dh_buf, du_buf, decay, dh_final if has_final else None, du_final if has_final else None,
+                   dh0, du0, cfg, reverse=True, partial=partial, states=(h_states, u_states))
         K._gka_bwd_carry[(num_chunks, batch * heads)](
             k, v, gp, h_states, u_states, dh_buf, du_buf, dk_part, dv_part, dG_part,
-            dk, dv, dg if dg is not None else dummy,
-            seq_len, heads, num_chunks, key_dim, value_dim,
-            HAS_G=has_g, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec,
-            HALVES=cfg["carry_halves"] and min(bd, bdv) >= 32, num_warps=cfg["carry_warps"], **_maxnreg(cfg, "carry"),
+            dk, dv, dg if dg is not None else dummy, dummy if partial is None else partial,
+            seq_len, heads, num_chunks, key_dim, value_dim, blocks,
+            HAS_G=has_g, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PARTIALS=partial is not None,
+            NBP=triton.next_power_of_2(blocks), num_warps=cfg["carry_warps"],
         )
         g_dtype, a_dtype, h0_dtype, u0_dtype = saved.input_dtypes
         return (

@@ -2,8 +2,6 @@
 
     TRITON_INTERPRET=0 python -m kernels.gka.triton._compile_check [bf16|fp32] [solver num_warps] [D] [kernels]
 
-(GKA_MAXNREG=n caps the registers a thread, as the launch option maxnreg does.)
-
 (fp32 wants GKA_C=32 GKA_PREC=tf32x3, as the GPU path runs it.)
 """
 
@@ -22,11 +20,11 @@ from kernels.gka.triton import kernels as K
 
 INPUT_PTRS = {"q", "k", "v", "do", "dq", "dk", "dv", "o"}
 STATE_PTRS = {"h_states", "u_states", "dh_local", "du_local", "dh_end", "du_end", "dh_buf", "du_buf", "h_buf", "u_buf"}
-INTS = {"T", "H", "N", "D", "DV", "SIZE", "num_iter"}
+INTS = {"T", "H", "N", "D", "DV", "SIZE", "NB", "num_iter"}
 FLOATS = {"scale", "ridge"}
 
 
-def compile_report(fn, constexprs, dtype, num_warps, num_stages=3, maxnreg=None):
+def compile_report(fn, constexprs, dtype, num_warps, num_stages=3):
     start = time.time()
     # constexpr parameters left out take their defaults (else they would be typed as runtime arguments)
     constexprs = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default} | constexprs
@@ -47,8 +45,7 @@ def compile_report(fn, constexprs, dtype, num_warps, num_stages=3, maxnreg=None)
              if name not in constexprs and (sig[name].startswith("*") or name in ("T", "N", "D", "DV", "SIZE"))}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                            "num_stages": num_stages,
-                                                                            "maxnreg": maxnreg})
+                                                                            "num_stages": num_stages})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
@@ -68,29 +65,23 @@ def main(argv=None):
     chunk = {"C": int(os.environ.get("GKA_C", "64")), "BD": dim, "DOT_PREC": os.environ.get("GKA_PREC", "tf32")}
     flags = {"HAS_G": True, "HAS_ALPHA": True}
     low = dtype != "fp32"
+    halves = dim >= 32
     jobs = [
-        (K._gka_fwd_chunk, {**chunk, **flags, "BDV": dim, "ADAPTIVE": True, "INTERPRET": False, "LEAN": False,
-                            "SPLIT": low, "RESID": 2, "READ_SPLIT": low, "XS_ASM": low}, warps),
-        (K._gka_bwd_readout, {**chunk, **flags, "BDV": dim, "PART": 1}, 4),
-        (K._gka_bwd_readout, {**chunk, **flags, "BDV": dim, "PART": 1, "HALVES": True}, 4),
+        (K._gka_fwd_chunk, {**chunk, **flags, "BDV": dim, "ADAPTIVE": True, "INTERPRET": False, "HALVES": halves,
+                            "READ_SPLIT": low}, warps),
+        (K._gka_bwd_readout, {**chunk, **flags, "BDV": dim, "PART": 1, "HALVES": halves}, 4),
         (K._gka_bwd_readout, {**chunk, **flags, "BDV": dim, "PART": 2}, 4),
-        (K._gka_bwd_solve, {**chunk, **flags, "ADAPTIVE": True, "INTERPRET": False, "LEAN": low, "SPLIT": low,
-                            "RESID": 2, "XS_ASM": low}, warps),
-        (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 1}, 8),
-        (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 1, "HALVES": True}, 8),
-        (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 1, "HALVES": True}, 4),
-        (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 2}, 8),
+        (K._gka_bwd_solve, {**chunk, **flags, "ADAPTIVE": True, "INTERPRET": False, "HALVES": halves}, warps),
+        (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 1, "HALVES": halves}, 4),
+        (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 2}, 4),
         (K._gka_bwd_carry, {**chunk, "HAS_G": True, "BDV": dim}, 8),
-        (K._gka_bwd_carry, {**chunk, "HAS_G": True, "BDV": dim, "HALVES": True}, 8),
-        (K._gka_bwd_carry, {**chunk, "HAS_G": True, "BDV": dim, "HALVES": True}, 4),
-        (K._chunk_contrib, {**chunk, "HAS_G": True, "BDV": dim}, 8),
-        (K._state_scan_elem, {"HAS_G": True, "HAS_INIT": True, "REVERSE": True, "C": chunk["C"], "BLOCK": 512,
-                              "DEPTH": 8, "INTERPRET": False, "DECAY_BUF": True, "TRANS": True}, 4),
+        (K._chunk_contrib, {**chunk, "HAS_G": True, "BDV": dim}, 4),
+        (K._state_scan_elem, {"HAS_G": True, "HAS_INIT": True, "REVERSE": True, "BLOCK": 1024, "DEPTH": 16,
+                              "INTERPRET": False}, 4),
     ]
-    maxnreg = int(os.environ["GKA_MAXNREG"]) if os.environ.get("GKA_MAXNREG") else None
     for fn, constexprs, nw in jobs:
         if only is None or fn.__name__ in only:
-            compile_report(fn, constexprs, dtype, nw, maxnreg=maxnreg)
+            compile_report(fn, constexprs, dtype, nw)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ states at the chunk start:
     ||H_c||^2 = E_c^2 ||H0||^2 + 2 E_c sum_j M[c, j] k_j^T H0 k_j + m_c^T (K K^T)^2 m_c
     o = scale (((Qt K^T) * M) V + E * (Qt U0^T))                         (the readout)
 
-Launches, forward:  _state_scan_fwd  (H and U chunk-start states, sequential over chunks)
+Launches, forward:  _chunk_contrib   (each chunk's own contribution to the next start states; chunk-parallel)
+                    _state_scan_elem (an exclusive scan over the chunks of those, in place: the start states)
                     _gka_fwd_chunk   (norms, Chebyshev solve, alpha-connection, readout; chunk-parallel)
-backward:           _gka_bwd_readout (readout and alpha grads, the chunk's dU0 contribution; chunk-parallel)
-                    _gka_bwd_solve   (the second Chebyshev solve, the grads through A and lam, the
-                                      chunk's dH0 contribution; chunk-parallel)
-                    _state_scan_bwd  (reverse-time sum of those contributions, elementwise over the states)
+backward:           _gka_bwd_readout (two launches: readout and alpha grads, the right-hand side of the second
+                                      solve; then dV, dK and the chunk's dU0 contribution; chunk-parallel)
+                    _gka_bwd_solve   (the second Chebyshev solve; chunk-parallel)
+                    _gka_bwd_grads   (two launches: the grads through A and lam; then the chunk's dH0 contribution)
+                    _state_scan_elem (reverse-time sum of those contributions, elementwise over the states)
                     _gka_bwd_carry   (what the carried state gradients give k, v, g; reverse cumsum of dG)
 
 Layouts: q, k, x, dq, dk [B, T, H, Dk] and v, o, dv [B, T, H, Dv] contiguous; g, alpha [B, T, H];
-states [B, H, N, rows, Dk] fp32; per-token fp32 scalars (norm, dG) [B, H, N * C].
+states [B, H, N, rows, Dk] (fp32, or the input dtype with low_states); per-token fp32 scalars (norm, dG)
+[B, H, N * C].
 Dot operands are in the input dtype (fp32: tf32 or ieee per DOT_PREC), accumulation and state fp32.
 """
 
@@ -45,66 +48,6 @@ def _decay_mask(G, C: tl.constexpr):
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
     return tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
-
-
-@triton.jit
-def _apply_A(x, H0T, K, M, E, lam, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """A X for the C iterates X [C, BD] (row c is (A_c x_c)^T); H0T = H0^T and K in the dot dtype.
-
-    SPLIT (bf16/fp16): X K^T as (hi + lo) K^T with hi = bf16(X), lo = bf16(X - hi). Rounding the iterate
-    in that product is what limits a bf16 solve (the recent keys carry the large eigenvalues): emulated
-    at 1 x 1024 x 128, o moved 1.8e-2 from the float64 result without the split and 3.4e-3 with it;
-    rounding H0, the masked scores or the state updates cost <= 2e-3 each.
-    """
-    xd = x.to(K.dtype)
-    ax = tl.dot(xd, H0T, input_precision=DOT_PREC) * E[:, None]
-    xk = tl.dot(xd, tl.trans(K), input_precision=DOT_PREC)
-    if SPLIT:
-        xk = tl.dot((x - xd.to(tl.float32)).to(K.dtype), tl.trans(K), acc=xk, input_precision=DOT_PREC)
-    ax = tl.dot((xk * M).to(K.dtype), K, acc=ax, input_precision=DOT_PREC)
-    return ax + lam[:, None] * x
-
-
-@triton.jit
-def _chebyshev(rhs, H0T, K, M, E, lam, upper, num_iter, DOT_PREC: tl.constexpr, LEAN: tl.constexpr,
-               SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
-    """num_iter Chebyshev steps for A x = rhs, spec(A_c) in [lam_c, upper_c] (GKA.md), from 2 rhs / (L + mu).
-
-    Carries x (fp32) and the last step d = x - x_prev; LEAN keeps d in the dot dtype (a rounding error in d
-    acts like one in x_prev, which later steps damp, so it costs no accuracy while d shrinks) to save
-    registers. rhs stays in the dtype it comes in.
-    INTERPRET: the interpreter (numpy >= 2.4) can't range() over a scalar argument; it loops with while.
-    """
-    step = 2.0 / (upper + lam)
-    rho = (upper - lam) / (upper + lam)
-    rho_sq = rho * rho
-    weight = tl.zeros_like(step) + 2.0
-    x = step[:, None] * rhs.to(tl.float32)
-    if LEAN:
-        d = x.to(K.dtype)
-    else:
-        d = x
-    if INTERPRET:
-        i = 0
-        while i < num_iter:
-            x, d, weight = _chebyshev_step(x, d, weight, step, rho_sq, rhs, H0T, K, M, E, lam, DOT_PREC,
-                                           SPLIT)
-            i += 1
-    else:
-        for _ in range(num_iter):
-            x, d, weight = _chebyshev_step(x, d, weight, step, rho_sq, rhs, H0T, K, M, E, lam, DOT_PREC,
-                                           SPLIT)
-    return x
-
-
-@triton.jit
-def _chebyshev_step(x, d, weight, step, rho_sq, rhs, H0T, K, M, E, lam, DOT_PREC: tl.constexpr,
-                    SPLIT: tl.constexpr):
-    """One Chebyshev step x <- x - w s (A x - rhs) + (w - 1)(x - x_prev); returns (x, x - x_prev, weight)."""
-    weight = 4.0 / (4.0 - rho_sq * weight)
-    resid = _apply_A(x, H0T, K, M, E, lam, DOT_PREC, SPLIT) - rhs.to(tl.float32)
-    d_new = (weight - 1.0)[:, None] * d.to(tl.float32) - (weight * step)[:, None] * resid
-    return x + d_new, d_new.to(d.dtype), weight
 
 
 @triton.jit
@@ -175,7 +118,7 @@ def _to_f32(x, ASM: tl.constexpr):
 
 @triton.jit
 def _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam, Ka, Kb, Haa, Hab, Hba, Hbb, M, E,
-                 DOT_PREC: tl.constexpr, ASM: tl.constexpr, XS_ASM: tl.constexpr):
+                 DOT_PREC: tl.constexpr, ASM: tl.constexpr):
     """One residual-form Chebyshev step (_cheb_resid) on column halves a, b of the [C, BD] tiles; H_rc is the
     [BD/2, BD/2] block (row half r, column half c) of H0 in the dot dtype. Half-width products keep the
     fp32 product of dd H0^T at [C, BD/2] (32 registers a thread at 4 warps), so x, u, dd, M and it fit."""
@@ -188,10 +131,7 @@ def _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam, Ka, Kb, Haa,
     ub = pb * E[:, None] + ub
     xk = tl.dot(db, tl.trans(Kb), acc=tl.dot(da, tl.trans(Ka), input_precision=DOT_PREC),
                 input_precision=DOT_PREC)
-    if XS_ASM:  # the masked scores rounded by packed cvt too (same rounding, fewer instructions)
-        xs = _to_dot(xk * M, dt, ASM)
-    else:
-        xs = (xk * M).to(dt)
+    xs = (xk * M).to(dt)  # (packed cvt here, _to_dot, was 2% slower on the H200: v9)
     ua = tl.dot(xs, Ka, acc=ua, input_precision=DOT_PREC)
     ub = tl.dot(xs, Kb, acc=ub, input_precision=DOT_PREC)
     weight = 4.0 / (4.0 - rho_sq * weight)
@@ -206,7 +146,7 @@ def _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam, Ka, Kb, Haa,
 
 @triton.jit
 def _cheb_halves(rhs_a, rhs_b, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num_iter, DOT_PREC: tl.constexpr,
-                 INTERPRET: tl.constexpr, XS_ASM: tl.constexpr = False):
+                 INTERPRET: tl.constexpr):
     """_cheb_resid on column halves (see _halves_step); returns the solution's halves (fp32)."""
     step = 2.0 / (upper + lam)
     rho = (upper - lam) / (upper + lam)
@@ -224,13 +164,13 @@ def _cheb_halves(rhs_a, rhs_b, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num
         while i < num_iter:
             da, db, xa, xb, ua, ub, weight = _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam,
                                                           Ka, Kb, Haa, Hab, Hba, Hbb, M, E, DOT_PREC,
-                                                          ASM, XS_ASM)
+                                                          ASM)
             i += 1
     else:
         for _ in range(num_iter):
             da, db, xa, xb, ua, ub, weight = _halves_step(da, db, xa, xb, ua, ub, weight, step, rho_sq, lam,
                                                           Ka, Kb, Haa, Hab, Hba, Hbb, M, E, DOT_PREC,
-                                                          ASM, XS_ASM)
+                                                          ASM)
     return xa, xb
 
 
@@ -250,8 +190,7 @@ def _state_at(ptr, bh, n, N, R, D, row0, col0, BR: tl.constexpr, BD: tl.constexp
 
 @triton.jit
 def _solve_halves(rhs, rhs_dtype, k, h_states, b, h, bh, n, T, H, N, D, M, E, lam, upper, num_iter,
-                  C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
-                  XS_ASM: tl.constexpr = False):
+                  C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
     """Loads the halves of the right-hand side (a [B, T, H, D] tensor), K and H0 and runs _cheb_halves."""
     BH: tl.constexpr = BD // 2
     Ka = _load(_tile_at(k, b, h, n, T, H, D, 0, C, BH))
@@ -263,7 +202,7 @@ def _solve_halves(rhs, rhs_dtype, k, h_states, b, h, bh, n, T, H, N, D, M, E, la
     Hbb = _load(_state_at(h_states, bh, n, N, D, D, BH, BH, BH, BH)).to(dt)
     ra = _load(_tile_at(rhs, b, h, n, T, H, D, 0, C, BH))
     rb = _load(_tile_at(rhs, b, h, n, T, H, D, BH, C, BH))
-    return _cheb_halves(ra, rb, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num_iter, DOT_PREC, INTERPRET, XS_ASM)
+    return _cheb_halves(ra, rb, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num_iter, DOT_PREC, INTERPRET)
 
 
 @triton.jit
@@ -279,89 +218,19 @@ def _sq_norms(H0, K, M, E, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _scan_fwd_step(
-    n, state, src, k, g, states, row0, T, H, N, R, D, b, h,
-    HAS_G: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """Stores S_n (the start state of chunk n, rows [row0, row0 + BR)) and returns S_{n+1}."""
-    out = tl.make_block_ptr(states + ((b * H + h) * N + n) * R * D, shape=(R, D), strides=(D, 1),
-                            offsets=(row0, 0), block_shape=(BR, BD), order=(1, 0))
-    tl.store(out, state.to(states.dtype.element_ty), boundary_check=(0, 1))
-    kc = _load(_tile(k, b, h, n, T, H, D, C, BD))
-    src_tile = tl.make_block_ptr(src + (b * T * H + h) * R, shape=(T, R), strides=(H * R, 1),
-                                 offsets=(n * C, row0), block_shape=(C, BR), order=(1, 0))
-    sc = _load(src_tile)
-    t = n * C + tl.arange(0, C)
-    G, g_last = _chunk_decay(g + b * T * H + h, t, t < T, H, HAS_G, C)
-    sc = (sc.to(tl.float32) * tl.exp(g_last - G)[:, None]).to(kc.dtype)
-    return state * tl.exp(g_last) + tl.dot(tl.trans(sc), kc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _state_scan_fwd(
-    k, v, g, h0, u0, h_states, u_states, h_final, u_final, T, H, N, D, DV,
-    HAS_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
-    C: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """Chunk-start states of H (rows from k) and U (rows from v) in one launch: grid (row blocks, B * H).
-
-    S_{n+1} = e^{G_last} S_n + (src * e^{G_last - G})^T K over the chunks, for rows [r * BR, +BR) of S.
-    """
-    pid_r = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    num_h_blocks = tl.cdiv(D, BR)
-    if pid_r < num_h_blocks:
-        src = k
-        s0 = h0
-        states = h_states
-        s_final = h_final
-        R = D
-        row0 = pid_r * BR
-    else:
-        src = v
-        s0 = u0
-        states = u_states
-        s_final = u_final
-        R = DV
-        row0 = (pid_r - num_h_blocks) * BR
-    if HAS_S0:
-        start = tl.make_block_ptr(s0 + bh * R * D, shape=(R, D), strides=(D, 1), offsets=(row0, 0),
-                                  block_shape=(BR, BD), order=(1, 0))
-        state = _load(start).to(tl.float32)
-    else:
-        state = tl.zeros([BR, BD], dtype=tl.float32)
-    if INTERPRET:
-        n = 0
-        while n < N:
-            state = _scan_fwd_step(n, state, src, k, g, states, row0, T, H, N, R, D, b, h, HAS_G, C, BR, BD,
-                                   DOT_PREC)
-            n += 1
-    else:
-        for n in range(N):
-            state = _scan_fwd_step(n, state, src, k, g, states, row0, T, H, N, R, D, b, h, HAS_G, C, BR, BD,
-                                   DOT_PREC)
-    if STORE_FINAL:
-        final = tl.make_block_ptr(s_final + bh * R * D, shape=(R, D), strides=(D, 1), offsets=(row0, 0),
-                                  block_shape=(BR, BD), order=(1, 0))
-        tl.store(final, state, boundary_check=(0, 1))
-
-
-@triton.jit
 def _chunk_contrib(
     k, v, g, h_states, u_states, decay_out, T, H, N, D, DV,
     HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr,
-    STORE_DECAY: tl.constexpr = False,
 ):
     """Chunk-parallel half of the forward state scan: writes chunk n's own contributions to the next start
     states, (K * e^{G_last - G})^T K into h_states[n] and (V * e^{G_last - G})^T K into u_states[n]
-    (_state_scan_elem then turns them into the start states in place). Grid (N, B * H)."""
+    (_state_scan_elem then turns them into the start states in place), and with gates e^{G_last} of the chunk
+    into decay_out [B, H, N] (both scans read it: one load a chunk). Grid (N, B * H)."""
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
     K = _load(_tile(k, b, h, n, T, H, D, C, BD))
     G, g_last = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     to_end = tl.exp(g_last - G)
-    if STORE_DECAY:  # e^{G_last} of the chunk, for _state_scan_elem (DECAY_BUF) forward and backward
+    if HAS_G:
         tl.store(decay_out + bh * N + n, tl.exp(g_last))
     kd = (K.to(tl.float32) * to_end[:, None]).to(K.dtype)
     tl.store(_state(h_states, bh, n, N, D, D, BD, BD),
@@ -379,27 +248,25 @@ def _affine_then(a1, b1, a2, b2):
 
 
 @triton.jit
-def _chunk_gate_total(g, decay, chunks, N, T, H, b, h, HAS_G: tl.constexpr, C: tl.constexpr,
-                      DECAY_BUF: tl.constexpr):
-    """e^{G_last} of each chunk in `chunks` (a [R] tensor; 1 for chunks outside [0, N)); DECAY_BUF: read from the
-    [B, H, N] buffer _chunk_contrib wrote (one load a chunk instead of C strided gate loads and a sum)."""
-    if HAS_G and DECAY_BUF:
+def _chunk_gate_total(decay, chunks, N, bh, HAS_G: tl.constexpr):
+    """e^{G_last} of each chunk in `chunks` (a [R] tensor; 1 for chunks outside [0, N)), from the [B, H, N]
+    buffer _chunk_contrib wrote."""
+    if HAS_G:
         valid = (chunks >= 0) & (chunks < N)
-        return tl.load(decay + (b * H + h) * N + chunks, mask=valid, other=1.0)
-    elif HAS_G:
-        tok = chunks[:, None] * C + tl.arange(0, C)[None, :]
-        valid = (chunks >= 0) & (chunks < N)
-        gt = tl.load(g + (b * T + tok) * H + h, mask=valid[:, None] & (tok < T), other=0.0).to(tl.float32)
-        return tl.exp(tl.sum(gt, 1))
+        return tl.load(decay + bh * N + chunks, mask=valid, other=1.0)
     else:
         return tl.full(chunks.shape, 1.0, tl.float32)
 
 
 @triton.jit
-def _scan_elem_group(p0, carry, base, g, decay, offs, mask, T, H, N, SIZE, b, h, HAS_G: tl.constexpr,
-                     REVERSE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, DEPTH: tl.constexpr,
-                     DECAY_BUF: tl.constexpr, TRANS: tl.constexpr):
-    """Walk positions p0 .. p0 + DEPTH - 1 of _state_scan_elem; returns the carry after them."""
+def _scan_elem_group(p0, carry, base, decay, offs, mask, N, SIZE, bh, sbase, partial, pid, NB, HAS_G: tl.constexpr,
+                     REVERSE: tl.constexpr, BLOCK: tl.constexpr, DEPTH: tl.constexpr, PARTIALS: tl.constexpr):
+    """Walk positions p0 .. p0 + DEPTH - 1 of _state_scan_elem; returns the carry after them.
+
+    [BLOCK, DEPTH] tiles: the loads vectorize along the elements (axis 0), so every thread holds all DEPTH chunks
+    of its elements and the scan runs in its registers (the [DEPTH, BLOCK] orientation scanned across lanes and
+    converted layouts through shared memory: 255 registers, 131 kB, 2.2x slower on the H200, v9).
+    """
     rows = tl.arange(0, DEPTH)
     pos = p0 + rows  # walk positions of this group
     prev = pos - 1  # row i applies the map of the chunk at walk position pos - 1 (row 0: identity)
@@ -410,73 +277,69 @@ def _scan_elem_group(p0, carry, base, g, decay, offs, mask, T, H, N, SIZE, b, h,
     else:
         chunk = pos
         prev_chunk = prev
-    ep = _chunk_gate_total(g, decay, tl.where(prev_ok, prev_chunk, -1), N, T, H, b, h, HAS_G, C, DECAY_BUF)
+    ep = _chunk_gate_total(decay, tl.where(prev_ok, prev_chunk, -1), N, bh, HAS_G)
     last_pos = p0 + DEPTH - 1
     if REVERSE:
         last_chunk = N - 1 - last_pos
     else:
         last_chunk = last_pos
     l_last = tl.load(base + last_chunk * SIZE + offs, mask=mask & (last_pos < N), other=0.0).to(tl.float32)
-    e_last = tl.sum(tl.where(rows == 0, _chunk_gate_total(g, decay, tl.where(rows == 0, last_chunk, -1), N, T, H,
-                                                           b, h, HAS_G, C, DECAY_BUF), 0.0), 0)
-    if TRANS:
-        # [BLOCK, DEPTH] orientation: the loads vectorize along the elements (axis 0), so every thread holds all
-        # DEPTH chunks of its elements and the scan runs in its registers (no shared-memory layout conversions).
-        lt = tl.load(base + prev_chunk[None, :] * SIZE + offs[:, None], mask=prev_ok[None, :] & mask[:, None],
+    e_last = tl.sum(tl.where(rows == 0, _chunk_gate_total(decay, tl.where(rows == 0, last_chunk, -1), N, bh, HAS_G),
+                             0.0), 0)
+    lt = tl.load(base + prev_chunk[None, :] * SIZE + offs[:, None], mask=prev_ok[None, :] & mask[:, None],
+                 other=0.0).to(tl.float32)
+    ea, eb = tl.associative_scan((tl.broadcast_to(ep[None, :], [BLOCK, DEPTH]), lt), 1, _affine_then)
+    excl = ea * carry[:, None] + eb  # the value before this column's chunk
+    tl.debug_barrier()  # every load of the group done before its stores (columns i and i - 1 share a chunk)
+    tl.store(base + chunk[None, :] * SIZE + offs[:, None], excl.to(base.dtype.element_ty),
+             mask=(pos < N)[None, :] & mask[:, None])
+    if PARTIALS:  # this block's part of <buf[n], states[n]> for each chunk n of the group
+        sv = tl.load(sbase + chunk[None, :] * SIZE + offs[:, None], mask=(pos < N)[None, :] & mask[:, None],
                      other=0.0).to(tl.float32)
-        ea, eb = tl.associative_scan((tl.broadcast_to(ep[None, :], [BLOCK, DEPTH]), lt), 1, _affine_then)
-        excl = ea * carry[:, None] + eb
-        tl.debug_barrier()
-        tl.store(base + chunk[None, :] * SIZE + offs[:, None], excl.to(base.dtype.element_ty),
-                 mask=(pos < N)[None, :] & mask[:, None])
-        v_last = tl.sum(tl.where((rows == DEPTH - 1)[None, :], excl, 0.0), 1)
-    else:
-        lp = tl.load(base + prev_chunk[:, None] * SIZE + offs[None, :], mask=prev_ok[:, None] & mask[None, :],
-                     other=0.0).to(tl.float32)
-        ea, eb = tl.associative_scan((tl.broadcast_to(ep[:, None], [DEPTH, BLOCK]), lp), 0, _affine_then)
-        excl = ea * carry[None, :] + eb  # the value before this row's chunk
-        tl.debug_barrier()  # every load of the group done before its stores (rows i and i - 1 share a chunk)
-        tl.store(base + chunk[:, None] * SIZE + offs[None, :], excl.to(base.dtype.element_ty),
-                 mask=(pos < N)[:, None] & mask[None, :])
-        v_last = tl.sum(tl.where((rows == DEPTH - 1)[:, None], excl, 0.0), 0)
+        tl.store(partial + (bh * N + chunk) * NB + pid, tl.sum(excl * sv, 0), mask=pos < N)
+    v_last = tl.sum(tl.where((rows == DEPTH - 1)[None, :], excl, 0.0), 1)
     carry = tl.where(last_pos < N, e_last * v_last + l_last, v_last)
     return carry
 
 
 @triton.jit
 def _state_scan_elem(
-    h_buf, u_buf, g, decay, h_init, u_init, h_out, u_out, T, H, N, D, DV,
-    HAS_G: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
-    DEPTH: tl.constexpr, INTERPRET: tl.constexpr, DECAY_BUF: tl.constexpr = False, TRANS: tl.constexpr = False,
+    h_buf, u_buf, decay, h_init, u_init, h_out, u_out, h_states, u_states, partial, N, D, DV,
+    HAS_G: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr, DEPTH: tl.constexpr,
+    INTERPRET: tl.constexpr, PARTIALS: tl.constexpr = False,
 ):
     """Exclusive linear scan over the chunks, in place, elementwise over [B, H, N, rows, Dk] buffers of
     per-chunk contributions l_n (H's and U's in one launch), walking n = 0..N-1 (or N-1..0 if REVERSE):
-    v = init; for each n: buf[n] <- v; v <- e^{G_last,n} v + l_n; out <- v.
+    v = init; for each n: buf[n] <- v; v <- e^{G_last,n} v + l_n; out <- v (e^{G_last,n} from _chunk_contrib's decay).
     Forward: l_n = chunk n's own state contribution, buf[n] <- its start state, out = final state.
     Backward: l_n = the chunk's local state gradient, buf[n] <- the gradient at its end, out = grad of the
     initial state. DEPTH chunks at a time: their loads all go out before one associative scan over them
     (row i of a group carries the map of the chunk before it, so every load of a group is of a chunk the
     group itself overwrites afterwards). Grid (blocks of H's then U's elements, B * H).
+    PARTIALS (backward): also writes each block's part of <buf[n], h_states[n]> (H's blocks) or <buf[n], u_states[n]>
+    (U's blocks) to partial [B * H, N, blocks], which _gka_bwd_carry sums (the gradient through the chunk's start).
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     num_h_blocks = tl.cdiv(D * D, BLOCK)
+    NB = num_h_blocks + tl.cdiv(DV * D, BLOCK)
     if pid < num_h_blocks:
         buf = h_buf
         init = h_init
         out = h_out
+        states = h_states
         SIZE = D * D
         offs = pid * BLOCK + tl.arange(0, BLOCK)
     else:
         buf = u_buf
         init = u_init
         out = u_out
+        states = u_states
         SIZE = DV * D
         offs = (pid - num_h_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < SIZE
     base = buf + bh * N * SIZE
+    sbase = states + bh * N * SIZE
     if HAS_INIT:
         carry = tl.load(init + bh * SIZE + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -484,13 +347,13 @@ def _state_scan_elem(
     if INTERPRET:
         p0 = 0
         while p0 < N:
-            carry = _scan_elem_group(p0, carry, base, g, decay, offs, mask, T, H, N, SIZE, b, h, HAS_G, REVERSE, C,
-                                     BLOCK, DEPTH, DECAY_BUF, TRANS)
+            carry = _scan_elem_group(p0, carry, base, decay, offs, mask, N, SIZE, bh, sbase, partial, pid, NB, HAS_G,
+                                     REVERSE, BLOCK, DEPTH, PARTIALS)
             p0 += DEPTH
     else:
         for p0 in range(0, N, DEPTH):
-            carry = _scan_elem_group(p0, carry, base, g, decay, offs, mask, T, H, N, SIZE, b, h, HAS_G, REVERSE, C,
-                                     BLOCK, DEPTH, DECAY_BUF, TRANS)
+            carry = _scan_elem_group(p0, carry, base, decay, offs, mask, N, SIZE, bh, sbase, partial, pid, NB, HAS_G,
+                                     REVERSE, BLOCK, DEPTH, PARTIALS)
     tl.store(out + bh * SIZE + offs, carry, mask=mask)
 
 
@@ -499,9 +362,8 @@ def _gka_fwd_chunk(
     q, k, v, g, alpha, h_states, u_states, x_out, o, norm_out, stats_out,
     T, H, N, D, DV, scale, ridge, num_iter,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr,
-    SPLIT: tl.constexpr, INTERPRET: tl.constexpr, RESID: tl.constexpr = 2, READ_SPLIT: tl.constexpr = False,
-    XS_ASM: tl.constexpr = False,
+    C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+    HALVES: tl.constexpr, READ_SPLIT: tl.constexpr = False,
 ):
     """One chunk of one (batch, head): norms, Chebyshev solve, alpha-connection, readout. Grid (N, B * H)."""
     n = tl.program_id(0)
@@ -516,7 +378,6 @@ def _gka_fwd_chunk(
     M = _decay_mask(G, C)
     E = tl.exp(G)
     H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD))
-
     sq, h_sq, _, energy, _, _ = _sq_norms(H0, K, M, E, DOT_PREC)
     # for _gka_bwd_grads: k_j^T H0 k_j per token, ||H0||^2 per chunk
     stats = stats_out + bh * 2 * (N * C + N)
@@ -529,10 +390,10 @@ def _gka_fwd_chunk(
         lam = tl.zeros_like(norm) + ridge
     tl.store(norm_out + bh * N * C + t, norm)
 
-    if RESID == 2:  # column halves (BD >= 32)
+    if HALVES:  # the solver on column halves (BD >= 32)
         BH: tl.constexpr = BD // 2
         Xa, Xb = _solve_halves(q, q, k, h_states, b, h, bh, n, T, H, N, D, M, E, lam, norm + lam, num_iter,
-                               C, BD, DOT_PREC, INTERPRET, XS_ASM)
+                               C, BD, DOT_PREC, INTERPRET)
         tl.store(_tile_at(x_out, b, h, n, T, H, D, 0, C, BH), Xa, boundary_check=(0, 1))
         tl.store(_tile_at(x_out, b, h, n, T, H, D, BH, C, BH), Xb, boundary_check=(0, 1))
         if HAS_ALPHA:
@@ -565,14 +426,8 @@ def _gka_fwd_chunk(
         out = out * E[:, None]
         out = tl.dot(scores.to(dt), V, acc=out, input_precision=DOT_PREC)
     else:
-        Q = _load(_tile(q, b, h, n, T, H, D, C, BD))
-        if not LEAN:
-            Q = Q.to(tl.float32)
-        if RESID == 1:
-            X = _cheb_resid(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET)
-        else:
-            X = _chebyshev(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, LEAN,
-                           SPLIT, INTERPRET)
+        Q = _load(_tile(q, b, h, n, T, H, D, C, BD)).to(tl.float32)
+        X = _cheb_resid(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET)
         tl.store(_tile(x_out, b, h, n, T, H, D, C, BD), X, boundary_check=(0, 1))
         if HAS_ALPHA:
             a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
@@ -629,7 +484,7 @@ def _gka_bwd_readout(
     dx_out, dq_direct, dk_part, dv_part, dG_part, dalpha, du_local,
     T, H, N, D, DV, scale,
     HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, PART: tl.constexpr = 0,
+    C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, PART: tl.constexpr,
     HALVES: tl.constexpr = False,
 ):
     """Backward of the readout o = scale (((qt K^T) * M) V + E * (qt U0^T)) and of qt = q + alpha (x - q).
@@ -731,8 +586,7 @@ def _gka_bwd_solve(
     k, g, h_states, norm_saved, dx_in, dq_direct, dq, y_out,
     T, H, N, D, ridge, num_iter,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr, SPLIT: tl.constexpr,
-    INTERPRET: tl.constexpr, RESID: tl.constexpr = 2, XS_ASM: tl.constexpr = False,
+    C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, HALVES: tl.constexpr,
 ):
     """The second Chebyshev solve Y = A^{-1} dx (forward's bounds): writes Y (for _gka_bwd_grads) and
     dq = (1 - alpha) dqt + Y. Nothing but the solver is live here (the grads are a separate launch), so
@@ -747,10 +601,10 @@ def _gka_bwd_solve(
         lam = ridge * norm
     else:
         lam = tl.zeros_like(norm) + ridge
-    if RESID == 2:
+    if HALVES:  # the solver on column halves (BD >= 32)
         BH: tl.constexpr = BD // 2
         Ya, Yb = _solve_halves(dx_in, dx_in, k, h_states, b, h, bh, n, T, H, N, D, M, E, lam, norm + lam,
-                               num_iter, C, BD, DOT_PREC, INTERPRET, XS_ASM)
+                               num_iter, C, BD, DOT_PREC, INTERPRET)
         tl.store(_tile_at(y_out, b, h, n, T, H, D, 0, C, BH), Ya.to(y_out.dtype.element_ty), boundary_check=(0, 1))
         tl.store(_tile_at(y_out, b, h, n, T, H, D, BH, C, BH), Yb.to(y_out.dtype.element_ty),
                  boundary_check=(0, 1))
@@ -763,10 +617,7 @@ def _gka_bwd_solve(
         K = _load(_tile(k, b, h, n, T, H, D, C, BD))
         H0T = tl.trans(_load(_state(h_states, bh, n, N, D, D, BD, BD))).to(K.dtype)
         dx = _load(_tile(dx_in, b, h, n, T, H, D, C, BD))
-        if RESID == 1:
-            Y = _cheb_resid(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET)
-        else:
-            Y = _chebyshev(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, LEAN, SPLIT, INTERPRET)
+        Y = _cheb_resid(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET)
         tl.store(_tile(y_out, b, h, n, T, H, D, C, BD), Y.to(y_out.dtype.element_ty), boundary_check=(0, 1))
         if HAS_ALPHA:
             Y += _load(_tile(dq_direct, b, h, n, T, H, D, C, BD))
@@ -774,35 +625,17 @@ def _gka_bwd_solve(
 
 
 @triton.jit
-def _gka_bwd_fused(
-    q, k, v, g, alpha, h_states, u_states, x_saved, norm_saved, do,
-    dx_buf, dq_direct, dk_part, dv_part, dG_part, dalpha, du_local, dq, y_out,
-    T, H, N, D, DV, scale, ridge, num_iter,
-    ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, LEAN: tl.constexpr,
-    SPLIT: tl.constexpr, INTERPRET: tl.constexpr, RESID: tl.constexpr = 2,
-):
-    """_gka_bwd_readout then _gka_bwd_solve in one program (dx and (1 - alpha) dqt pass through global memory,
-    written and read by the same program: L2-hot). Two programs share an SM, so one's readout overlaps the
-    other's solver loop instead of running as a separate latency-bound launch. Grid (N, B * H)."""
-    _gka_bwd_readout(q, k, v, g, alpha, u_states, x_saved, do, dx_buf, dq_direct, dk_part, dv_part, dG_part,
-                     dalpha, du_local, T, H, N, D, DV, scale, HAS_G, HAS_ALPHA, C, BD, BDV, DOT_PREC)
-    tl.debug_barrier()  # the readout's stores of dx, dq_direct visible to every thread of the program
-    _gka_bwd_solve(k, g, h_states, norm_saved, dx_buf, dq_direct, dq, y_out, T, H, N, D, ridge, num_iter,
-                   ADAPTIVE, HAS_G, HAS_ALPHA, C, BD, DOT_PREC, LEAN, SPLIT, INTERPRET, RESID)
-
-
-@triton.jit
 def _gka_bwd_grads(
     k, g, h_states, x_saved, norm_saved, stats, y_in, dk_part, dG_part, dh_local,
     T, H, N, D, ridge,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
-    PART: tl.constexpr = 0, HALVES: tl.constexpr = False,
+    PART: tl.constexpr, HALVES: tl.constexpr = False,
 ):
     """The grads of dA_c = -y_c x_c^T (Y from _gka_bwd_solve) through A_c = E_c H0 + sum_j M[c, j] k_j k_j^T
     + lam_c I and, in adaptive mode, through lam_c = a ||H_c||_F and the chunk formula for ||H_c||_F^2.
     Adds to dK and dG of the readout and writes the chunk's dH0 contribution. Grid (N, B * H).
-    PART 1: all but dH0 (w and the H0 coefficient go to stats); PART 2: dH0 only (two lighter launches).
+    PART 1: all but dH0 (w and the H0 coefficient go to stats); PART 2: dH0 only (two lighter launches; one
+    launch for both was 0.04 ms slower at 1 x 32768, v7).
 
     With s_c = d(loss)/d||H_c||^2 the norm path is dH_c += 2 s_c H_c: dH0 gains 2 sum_c s_c E_c^2 H0
     + 2 sum_j w_j k_j k_j^T and dk_j gains 4 w_j H0 k_j + 4 ((M^T diag(s) M) * (K K^T)) K, w = M^T (s E)
@@ -878,7 +711,7 @@ def _gka_bwd_grads(
                             input_precision=DOT_PREC)
             dk_tile = _tile_at(dk_part, b, h, n, T, H, D, c0, C, BH)
             tl.store(dk_tile, _load(dk_tile) + dK, boundary_check=(0, 1))
-    elif PART != 2:
+    elif PART == 1:
         K = _load(_tile(k, b, h, n, T, H, D, C, BD))
         dt = K.dtype
         M = _decay_mask(G, C)
@@ -913,10 +746,8 @@ def _gka_bwd_grads(
             # dK: 4 w_j H0 k_j + 4 ((M^T diag(s) M) * K K^T) K
             dK = tl.dot(dpk, K, acc=tl.dot((K.to(tl.float32) * (4.0 * w)[:, None]).to(dt), H0,
                                            input_precision=DOT_PREC), input_precision=DOT_PREC)
-            c_h0 = 2.0 * tl.sum(s * E * E, 0)
-            if PART == 1:
-                tl.store(sbase + N * C + N + t, w)
-                tl.store(sbase + 2 * N * C + N + n, c_h0)
+            tl.store(sbase + N * C + N + t, w)
+            tl.store(sbase + 2 * N * C + N + n, 2.0 * tl.sum(s * E * E, 0))
         else:
             dK = tl.zeros([C, BD], dtype=tl.float32)
         xk = tl.dot(xd, tl.trans(K), input_precision=DOT_PREC)
@@ -930,15 +761,14 @@ def _gka_bwd_grads(
         tl.store(dk_tile, _load(dk_tile) + dK, boundary_check=(0, 1))
         dG_ptr = dG_part + bh * N * C + t
         tl.store(dG_ptr, tl.load(dG_ptr) + dg_row - dg_col + E * dE)
-    if PART != 1:
+    else:
         # dH0 = -(Y E)^T X (+ 2 sum_j w_j k_j k_j^T + 2 sum_c s_c E_c^2 H0), column halves
-        if PART == 2:
-            K = _load(_tile(k, b, h, n, T, H, D, C, BD))
-            dt = K.dtype
-            Y = _load(_tile(y_in, b, h, n, T, H, D, C, BD)).to(tl.float32)
-            if ADAPTIVE:
-                w = tl.load(sbase + N * C + N + t)
-                c_h0 = tl.load(sbase + 2 * N * C + N + n)
+        K = _load(_tile(k, b, h, n, T, H, D, C, BD))
+        dt = K.dtype
+        Y = _load(_tile(y_in, b, h, n, T, H, D, C, BD)).to(tl.float32)
+        if ADAPTIVE:
+            w = tl.load(sbase + N * C + N + t)
+            c_h0 = tl.load(sbase + 2 * N * C + N + n)
         ye = (-Y * E[:, None]).to(dt)
         if ADAPTIVE:
             kw = (K.to(tl.float32) * (2.0 * w)[:, None]).to(dt)
@@ -955,86 +785,18 @@ def _gka_bwd_grads(
 
 
 @triton.jit
-def _scan_bwd_group(n0, carry, buf, g, offs, mask, T, H, N, SIZE, b, h, HAS_G: tl.constexpr, C: tl.constexpr):
-    """Chunks n0, n0 - 1, n0 - 2, n0 - 3 (those >= 0): the four loads go out before the dependent updates."""
-    base = buf + (b * H + h) * N * SIZE + offs
-    l0 = tl.load(base + n0 * SIZE, mask=mask, other=0.0).to(tl.float32)
-    l1 = tl.load(base + (n0 - 1) * SIZE, mask=mask & (n0 >= 1), other=0.0).to(tl.float32)
-    l2 = tl.load(base + (n0 - 2) * SIZE, mask=mask & (n0 >= 2), other=0.0).to(tl.float32)
-    l3 = tl.load(base + (n0 - 3) * SIZE, mask=mask & (n0 >= 3), other=0.0).to(tl.float32)
-    gbase = g + b * T * H + h
-    tok = tl.arange(0, C)
-    _, e0 = _chunk_decay(gbase, n0 * C + tok, n0 * C + tok < T, H, HAS_G, C)
-    _, e1 = _chunk_decay(gbase, (n0 - 1) * C + tok, ((n0 - 1) * C + tok < T) & (n0 >= 1), H, HAS_G, C)
-    _, e2 = _chunk_decay(gbase, (n0 - 2) * C + tok, ((n0 - 2) * C + tok < T) & (n0 >= 2), H, HAS_G, C)
-    _, e3 = _chunk_decay(gbase, (n0 - 3) * C + tok, ((n0 - 3) * C + tok < T) & (n0 >= 3), H, HAS_G, C)
-    tl.store(base + n0 * SIZE, carry.to(buf.dtype.element_ty), mask=mask)
-    carry = l0 + tl.exp(e0) * carry
-    tl.store(base + (n0 - 1) * SIZE, carry.to(buf.dtype.element_ty), mask=mask & (n0 >= 1))
-    carry = l1 + tl.exp(e1) * carry  # a chunk n < 0 has l = 0 and G_last = 0: carry unchanged
-    tl.store(base + (n0 - 2) * SIZE, carry.to(buf.dtype.element_ty), mask=mask & (n0 >= 2))
-    carry = l2 + tl.exp(e2) * carry
-    tl.store(base + (n0 - 3) * SIZE, carry.to(buf.dtype.element_ty), mask=mask & (n0 >= 3))
-    return l3 + tl.exp(e3) * carry
-
-
-@triton.jit
-def _state_scan_bwd(
-    dh_buf, du_buf, g, dh_final, du_final, dh_init, du_init, T, H, N, D, DV,
-    HAS_G: tl.constexpr, HAS_FINAL: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    """In place over the [B, H, N, rows, Dk] buffers of dH0 and dU0 contributions (one launch for both):
-    chunk n's local state gradient in, the gradient at its end out.
-
-    Z_n = local_n + e^{G_last,n} Z_{n+1} (Z_N = the final state's grad); buf[n] <- Z_{n+1}; init <- Z_0.
-    Elementwise over the states; grid (blocks of H's then U's elements, B * H).
-    """
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    num_h_blocks = tl.cdiv(D * D, BLOCK)
-    if pid < num_h_blocks:
-        buf = dh_buf
-        d_final = dh_final
-        d_init = dh_init
-        SIZE = D * D
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    else:
-        buf = du_buf
-        d_final = du_final
-        d_init = du_init
-        SIZE = DV * D
-        offs = (pid - num_h_blocks) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < SIZE
-    if HAS_FINAL:
-        carry = tl.load(d_final + bh * SIZE + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BLOCK], dtype=tl.float32)
-    if INTERPRET:
-        n0 = N - 1
-        while n0 >= 0:
-            carry = _scan_bwd_group(n0, carry, buf, g, offs, mask, T, H, N, SIZE, b, h, HAS_G, C)
-            n0 -= 4
-    else:
-        for i in range(0, N, 4):
-            carry = _scan_bwd_group(N - 1 - i, carry, buf, g, offs, mask, T, H, N, SIZE, b, h, HAS_G, C)
-    tl.store(d_init + bh * SIZE + offs, carry, mask=mask)
-
-
-@triton.jit
 def _gka_bwd_carry(
-    k, v, g, h_states, u_states, dh_end, du_end, dk_part, dv_part, dG_part, dk, dv, dg,
-    T, H, N, D, DV,
+    k, v, g, h_states, u_states, dh_end, du_end, dk_part, dv_part, dG_part, dk, dv, dg, partial,
+    T, H, N, D, DV, NB,
     HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr,
-    HALVES: tl.constexpr = False,
+    PARTIALS: tl.constexpr = False, NBP: tl.constexpr = 1,
 ):
     """Adds what the state gradients at the chunk end (Z, dU) give k, v and G, then dg = reverse cumsum of dG.
 
     H_end = e^{G_last} H0 + sum_j e^{G_last - G_j} k_j k_j^T, U_end likewise with v_j k_j^T. Grid (N, B * H).
-    HALVES (BD, BDV >= 32): every product and state tile in column / row halves ([C, BD/2] fp32 results,
-    [BD/2, BD] state slices), so no [BD, BD] fp32 tile is ever live.
+    (A column / row halves version, no [BD, BD] tile live, ran slower on the H200: 0.57-0.61 vs 0.47 ms, v9.)
+    PARTIALS: <Z, H0> + <dU, U0> summed from the backward scan's NB partial sums a chunk (NBP >= NB, a power of 2)
+    instead of from the [BD, BD] tiles here.
     """
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
     K = _load(_tile(k, b, h, n, T, H, D, C, BD))
@@ -1042,66 +804,33 @@ def _gka_bwd_carry(
     dt = K.dtype
     G, g_last = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     to_end = tl.exp(g_last - G)
-    if HALVES:
-        BH: tl.constexpr = BD // 2
-        BVH: tl.constexpr = BDV // 2
-        energy = tl.zeros([C], dtype=tl.float32)
-        through = 0.0
-        for half in tl.static_range(2):
-            c0 = half * BH
-            Zc = _load(_state_at(dh_end, bh, n, N, D, D, 0, c0, BD, BH)).to(dt)  # Z[:, c0:c0 + BH]
-            Zr = _load(_state_at(dh_end, bh, n, N, D, D, c0, 0, BH, BD))  # Z[c0:c0 + BH, :]
-            dUc = _load(_state_at(du_end, bh, n, N, DV, D, 0, c0, BDV, BH)).to(dt)  # dU[:, c0:c0 + BH]
-            # columns c0.. of K (Z + Z^T) and of V dU
-            kzz = tl.dot(K, tl.trans(Zr.to(dt)), acc=tl.dot(K, Zc, input_precision=DOT_PREC),
-                         input_precision=DOT_PREC)
-            vdu = tl.dot(V, dUc, input_precision=DOT_PREC)
-            dK = to_end[:, None] * (kzz + vdu) + _load(_tile_at(dk_part, b, h, n, T, H, D, c0, C, BH))
-            tl.store(_tile_at(dk, b, h, n, T, H, D, c0, C, BH), dK.to(dk.dtype.element_ty), boundary_check=(0, 1))
-            if HAS_G:
-                Kh = _load(_tile_at(k, b, h, n, T, H, D, c0, C, BH)).to(tl.float32)
-                energy += tl.sum((0.5 * kzz + vdu) * Kh, 1)
-                H0r = _load(_state_at(h_states, bh, n, N, D, D, c0, 0, BH, BD))
-                through += tl.sum(tl.sum(Zr.to(tl.float32) * H0r.to(tl.float32), 1), 0)
-        for half in tl.static_range(2):
-            r0 = half * BVH
-            dUr = _load(_state_at(du_end, bh, n, N, DV, D, r0, 0, BVH, BD))  # dU[r0:r0 + BVH, :]
-            kdut = tl.dot(K, tl.trans(dUr.to(dt)), input_precision=DOT_PREC)  # columns r0.. of K dU^T
-            dV = to_end[:, None] * kdut + _load(_tile_at(dv_part, b, h, n, T, H, DV, r0, C, BVH))
-            tl.store(_tile_at(dv, b, h, n, T, H, DV, r0, C, BVH), dV.to(dv.dtype.element_ty),
-                     boundary_check=(0, 1))
-            if HAS_G:
-                U0r = _load(_state_at(u_states, bh, n, N, DV, D, r0, 0, BVH, BD))
-                through += tl.sum(tl.sum(dUr.to(tl.float32) * U0r.to(tl.float32), 1), 0)
-        if HAS_G:
-            energy = to_end * energy
-            dG = tl.load(dG_part + bh * N * C + t) - energy
-            dG += tl.where(tl.arange(0, C) == C - 1, tl.sum(energy, 0) + tl.exp(g_last) * through, 0.0)
-            dg_t = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
-            tl.store(dg + (b * T + t) * H + h, dg_t, mask=tmask)
-    else:
-        Z = _load(_state(dh_end, bh, n, N, D, D, BD, BD)).to(dt)
-        dU = _load(_state(du_end, bh, n, N, DV, D, BDV, BD)).to(dt)
-        # row j: ((Z + Z^T) k_j)^T (k_j^T Z k_j is half its product with k_j)
-        kzz = tl.dot(K, tl.trans(Z), acc=tl.dot(K, Z, input_precision=DOT_PREC), input_precision=DOT_PREC)
-        vdu = tl.dot(V, dU, input_precision=DOT_PREC)  # row j: (dU^T v_j)^T
-        dK = to_end[:, None] * (kzz + vdu)
-        dK += _load(_tile(dk_part, b, h, n, T, H, D, C, BD))
-        tl.store(_tile(dk, b, h, n, T, H, D, C, BD), dK.to(dk.dtype.element_ty), boundary_check=(0, 1))
-        if HAS_G:
-            energy = to_end * tl.sum((0.5 * kzz + vdu) * K.to(tl.float32), 1)  # e^{G_last - G_j} (k^T Z k + v^T dU k)
-        kdut = tl.dot(K, tl.trans(dU), input_precision=DOT_PREC)  # row j: (dU k_j)^T
-        dV = to_end[:, None] * kdut
-        dV += _load(_tile(dv_part, b, h, n, T, H, DV, C, BDV))
-        tl.store(_tile(dv, b, h, n, T, H, DV, C, BDV), dV.to(dv.dtype.element_ty), boundary_check=(0, 1))
+    Z = _load(_state(dh_end, bh, n, N, D, D, BD, BD)).to(dt)
+    dU = _load(_state(du_end, bh, n, N, DV, D, BDV, BD)).to(dt)
+    # row j: ((Z + Z^T) k_j)^T (k_j^T Z k_j is half its product with k_j)
+    kzz = tl.dot(K, tl.trans(Z), acc=tl.dot(K, Z, input_precision=DOT_PREC), input_precision=DOT_PREC)
+    vdu = tl.dot(V, dU, input_precision=DOT_PREC)  # row j: (dU^T v_j)^T
+    dK = to_end[:, None] * (kzz + vdu)
+    dK += _load(_tile(dk_part, b, h, n, T, H, D, C, BD))
+    tl.store(_tile(dk, b, h, n, T, H, D, C, BD), dK.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    if HAS_G:
+        energy = to_end * tl.sum((0.5 * kzz + vdu) * K.to(tl.float32), 1)  # e^{G_last - G_j} (k^T Z k + v^T dU k)
+    kdut = tl.dot(K, tl.trans(dU), input_precision=DOT_PREC)  # row j: (dU k_j)^T
+    dV = to_end[:, None] * kdut
+    dV += _load(_tile(dv_part, b, h, n, T, H, DV, C, BDV))
+    tl.store(_tile(dv, b, h, n, T, H, DV, C, BDV), dV.to(dv.dtype.element_ty), boundary_check=(0, 1))
 
-        if HAS_G:
+    if HAS_G:
+        if PARTIALS:
+            blocks = tl.arange(0, NBP)
+            through_start = tl.exp(g_last) * tl.sum(tl.load(partial + (bh * N + n) * NB + blocks, mask=blocks < NB,
+                                                            other=0.0), 0)
+        else:
             H0 = _load(_state(h_states, bh, n, N, D, D, BD, BD))
             U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD))
             through_start = tl.exp(g_last) * (tl.sum(tl.sum(Z.to(tl.float32) * H0.to(tl.float32), 1), 0)
                                               + tl.sum(tl.sum(dU.to(tl.float32) * U0.to(tl.float32), 1), 0))
-            dG = tl.load(dG_part + bh * N * C + t) - energy
-            dG += tl.where(tl.arange(0, C) == C - 1, tl.sum(energy, 0) + through_start, 0.0)
-            # g_t enters G_c for every c >= t of the chunk.
-            dg_t = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
-            tl.store(dg + (b * T + t) * H + h, dg_t, mask=tmask)
+        dG = tl.load(dG_part + bh * N * C + t) - energy
+        dG += tl.where(tl.arange(0, C) == C - 1, tl.sum(energy, 0) + through_start, 0.0)
+        # g_t enters G_c for every c >= t of the chunk.
+        dg_t = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+        tl.store(dg + (b * T + t) * H + h, dg_t, mask=tmask)

@@ -17,7 +17,7 @@ from .. import gka
 from . import LAUNCH_OVERRIDES
 
 # Setting sets main() profiles (run_all.py has the sweep that picks settings per kernel group).
-SWEEP = ({}, {"scan": "v5", "grads_split": False, "readout_split": False})
+SWEEP = ({}, {"grads_warps": 8, "grads2_warps": 8})
 
 
 def kernel_times(shape, num_iter=30, dtype=torch.bfloat16, reps=5):

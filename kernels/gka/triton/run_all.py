@@ -17,27 +17,22 @@ from . import LAUNCH_OVERRIDES, _launch_config
 from .profile import kernel_times
 
 # Setting sets to profile; each group's settings are then taken from the set where that group was fastest.
-_V9 = {"carry_halves": True, "readout_halves": True, "grads_halves": True, "xs_asm": True}
 CANDIDATES = {
-    # v7: the defaults (chosen by the 2026-11-30 02:43 UTC run from v6 / v7 / v7b, NOTES.md)
-    "v7": {},
-    # v8 scans (every thread holds all DEPTH chunks of its elements; one e^{G_last} load a chunk) and the v9 kernels
-    # (carry, readout part 1, grads part 1 on column halves; packed cvt of the solver's masked scores)
-    "v9a": _V9 | {"scan_trans": True, "scan_decay": True, "scan_block": 1024, "scan_depth": 8, "scan_elem_warps": 4},
-    "v9b": _V9 | {"scan_trans": True, "scan_decay": True, "scan_block": 2048, "scan_depth": 8, "scan_elem_warps": 8,
-                  "carry_maxnreg": 128, "grads_warps": 4, "grads2_warps": 4, "readout_warps": 8,
-                  "fwd_warps": 8, "bwd_warps": 8},
-    "v9c": _V9 | {"scan_trans": True, "scan_decay": True, "scan_block": 1024, "scan_depth": 16, "scan_elem_warps": 4,
-                  "carry_warps": 4, "grads2_warps": 4, "readout2_warps": 8, "fwd_maxnreg": 168, "bwd_maxnreg": 168},
+    # v9: the defaults (chosen by the 2026-11-30 04:38 UTC run from v7 / v9a / v9b / v9c, NOTES.md)
+    "v9": {},
+    # v10 candidate (interpreter-tested, compiled for sm_90a, not yet timed): the carry's <Z, H0> + <dU, U0> from
+    # partial sums of the backward scan (carry 254 -> 202 registers, no [128, 128] fp32 products), with deeper scan
+    # groups on narrower element blocks
+    "v10": {"carry_partials": True},
+    "v10-d32": {"carry_partials": True, "scan_block": 512, "scan_depth": 32},
 }
 # kernel group: (settings it depends on, kernels whose times it sums)
 GROUPS = {
-    "readout": (("readout_split", "readout_warps", "readout2_warps", "readout_halves"), ("_gka_bwd_readout",)),
-    "grads": (("grads_split", "grads_warps", "grads2_warps", "grads_halves"), ("_gka_bwd_grads",)),
-    "scan": (("scan", "scan_block", "scan_depth", "scan_elem_warps", "contrib_warps", "scan_trans", "scan_decay"),
-             ("_chunk_contrib", "_state_scan_elem", "_state_scan_fwd", "_state_scan_bwd")),
-    "carry": (("carry_halves", "carry_warps", "carry_maxnreg"), ("_gka_bwd_carry",)),
-    "solver": (("fwd_warps", "bwd_warps", "xs_asm", "fwd_maxnreg", "bwd_maxnreg"), ("_gka_fwd_chunk", "_gka_bwd_solve")),
+    "readout": (("readout_warps", "readout2_warps"), ("_gka_bwd_readout",)),
+    "grads": (("grads_warps", "grads2_warps"), ("_gka_bwd_grads",)),
+    "scan+carry": (("scan_block", "scan_depth", "scan_elem_warps", "contrib_warps", "carry_warps", "carry_partials"),
+                   ("_chunk_contrib", "_state_scan_elem", "_gka_bwd_carry")),
+    "solver": (("fwd_warps", "bwd_warps"), ("_gka_fwd_chunk", "_gka_bwd_solve")),
 }
 # the shape the sets are profiled at (the one short of issue 3's target)
 SWEEP_SHAPE = (4, 8192, 8, 128)

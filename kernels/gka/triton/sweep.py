@@ -1,9 +1,10 @@
 """Side-by-side per-kernel times of named launch-setting sets, with each compiled kernel's registers, spills,
 shared memory and CTAs per SM, and (optionally) the bf16 accuracy check of gpu_check for each set.
 
-    python -m kernels.gka.triton.sweep [--acc] [--shape B T H D] [NAME ...]
+    python -m kernels.gka.triton.sweep [--acc] [--bench] [--shape B T H D] [NAME ...]
 
-Writes sweep.json to $OUT if set. One device call compares candidate solver versions (NOTES.md).
+--bench: do_bench of each named set (bf16, r = 30, every bench shape). Writes sweep.json to $OUT if set.
+One device call compares candidate kernel versions (NOTES.md).
 """
 
 import json
@@ -16,19 +17,15 @@ from . import LAUNCH_OVERRIDES
 from . import kernels as K
 from .profile import kernel_times
 
-_V5 = {"solver": "v5", "read_split": False, "fwd_warps": 4, "bwd_warps": 8, "grads_warps": 8, "bwd_fuse": False}
 CONFIGS = {
-    "v5": _V5,
-    "resid": {"solver": "resid", "read_split": True, "fwd_warps": 4, "bwd_warps": 4, "bwd_fuse": False},
-    "halves": {"solver": "halves", "read_split": True, "fwd_warps": 4, "bwd_warps": 4, "bwd_fuse": False},
-    "halves-g4": {"solver": "halves", "read_split": True, "fwd_warps": 4, "bwd_warps": 4, "grads_warps": 4,
-                  "readout_warps": 8, "carry_warps": 4, "bwd_fuse": False},
     "default": {},
-    "nofuse": {"bwd_fuse": False},
-    "g4c4": {"grads_warps": 4, "carry_warps": 4},
+    "grads-8w": {"grads_warps": 8, "grads2_warps": 8},
+    "readout-8w": {"readout_warps": 8, "readout2_warps": 8},
+    "scan-d8": {"scan_depth": 8},
+    "carry-partials": {"carry_partials": True},
 }
 KERNELS = ("_gka_fwd_chunk", "_gka_bwd_solve", "_gka_bwd_grads", "_gka_bwd_readout", "_gka_bwd_carry",
-           "_state_scan_fwd", "_state_scan_bwd")
+           "_chunk_contrib", "_state_scan_elem")
 
 
 def compiled_stats():
@@ -76,16 +73,11 @@ def main(argv=None):
         try:
             row["ms"] = kernel_times(shape)
             row["stats"] = compiled_stats()
-            if acc and (name.startswith("halves") or name == "default"):
+            if acc:
                 from .. import gpu_check
                 row["acc"] = gpu_check.check_accuracy((2, 2048, 4, 128, 128), torch.bfloat16, seed=10)["errors"]
-                saved = dict(LAUNCH_OVERRIDES)
-                LAUNCH_OVERRIDES.clear()  # fp32 on its own default settings
-                LAUNCH_OVERRIDES.update({key: val for key, val in CONFIGS[name].items() if key in ("solver", "bwd_fuse")})
                 fp32 = gpu_check.check_accuracy((1, 1000, 2, 96, 80), torch.float32, seed=11, initial_state=True)
                 row["acc"] |= {f"fp32_{k}": v for k, v in fp32["errors"].items()}
-                LAUNCH_OVERRIDES.clear()
-                LAUNCH_OVERRIDES.update(saved)
         except Exception as error:  # noqa: BLE001
             row["error"] = repr(error)[:400]
         results.append(row)
@@ -98,24 +90,29 @@ def main(argv=None):
             print(f"   {sum(row['ms'].values()):8.3f} ms  total", flush=True)
         if "acc" in row:
             print("   acc", " ".join(f"{k}={v:.1e}" for k, v in row["acc"].items()), flush=True)
+        if "--bench" in argv and "error" not in row:
+            bench(name, results)
     LAUNCH_OVERRIDES.clear()
-    if "--bench" in argv:  # do_bench of the default settings, r = 30, every bench shape
-        from ... import bench_gpu
-        from .. import gka
-        for batch, seq_len, heads, dim in bench_gpu.DEFAULT_SHAPES:
-            inputs = bench_gpu._inputs(batch, seq_len, heads, dim, torch.bfloat16, torch.device("cuda"))
-            fwd, fwd_bwd, peak = bench_gpu._measure(lambda *x: gka(*x, num_iter=30, backend="triton"), inputs,
-                                                    torch.randn_like(inputs[2]), 25, 100)
-            shape_name = f"{batch}x{seq_len}x{heads}x{dim}"
-            authors = bench_gpu.AUTHORS_MS[(30, shape_name)][1]
-            print(f"bench {shape_name}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms "
-                  f"({authors / fwd_bwd:.2f}x the authors' {authors}), peak {peak:.0f} MiB", flush=True)
-            results.append({"bench": shape_name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_mib": peak})
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "sweep.json"), "w") as f:
             json.dump({"shape": shape, "results": results}, f, indent=1, default=str)
     return results
+
+
+def bench(name, results):
+    """do_bench (median ms) of the current launch settings, bf16, r = 30, every bench shape."""
+    from ... import bench_gpu
+    from .. import gka
+    for batch, seq_len, heads, dim in bench_gpu.DEFAULT_SHAPES:
+        inputs = bench_gpu._inputs(batch, seq_len, heads, dim, torch.bfloat16, torch.device("cuda"))
+        fwd, fwd_bwd, peak = bench_gpu._measure(lambda *x: gka(*x, num_iter=30, backend="triton"), inputs,
+                                                torch.randn_like(inputs[2]), 25, 100)
+        shape_name = f"{batch}x{seq_len}x{heads}x{dim}"
+        authors = bench_gpu.AUTHORS_MS[(30, shape_name)][1]
+        print(f"bench {shape_name}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms "
+              f"({authors / fwd_bwd:.2f}x the authors' {authors}), peak {peak:.0f} MiB [{name}]", flush=True)
+        results.append({"bench": shape_name, "settings": name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_mib": peak})
 
 
 if __name__ == "__main__":
