@@ -72,6 +72,7 @@ class StackedAdamW:
     """torch.optim.AdamW's update for parameters stacked over members, with one lr per member.
 
     lr is a [M] tensor (0 freezes a member); weight decay applies to members' matrices only, as in LabModule.
+    The step count lives on the device, so a step never waits for the GPU and torch.compile never recompiles.
     """
 
     def __init__(self, params: dict[str, torch.Tensor], betas, weight_decay: float, eps: float = 1e-8):
@@ -81,13 +82,13 @@ class StackedAdamW:
         self.decay = {name: weight_decay if p.ndim - 1 >= 2 else 0.0 for name, p in params.items()}
         self.exp_avg = {name: torch.zeros_like(p) for name, p in params.items()}
         self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in params.items()}
-        self.step_count = 0
+        self.step_count = torch.zeros((), dtype=torch.float64, device=next(iter(params.values())).device)
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor) -> None:
         self.step_count += 1
         correction1 = 1 - self.beta1 ** self.step_count
-        correction2_sqrt = (1 - self.beta2 ** self.step_count) ** 0.5
+        correction2_sqrt = (1 - self.beta2 ** self.step_count).sqrt()
         for name, param in self.params.items():
             shape = (-1,) + (1,) * (param.ndim - 1)
             member_lr = lr.view(shape).to(param.dtype)
@@ -95,8 +96,8 @@ class StackedAdamW:
             param.mul_(1 - member_lr * self.decay[name])
             self.exp_avg[name].lerp_(grad, 1 - self.beta1)
             self.exp_avg_sq[name].mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-            denom = (self.exp_avg_sq[name].sqrt() / correction2_sqrt).add_(self.eps)
-            param.sub_(member_lr / correction1 * self.exp_avg[name] / denom)
+            denom = (self.exp_avg_sq[name].sqrt() / correction2_sqrt.to(param.dtype)).add_(self.eps)
+            param.sub_(member_lr / correction1.to(param.dtype) * self.exp_avg[name] / denom)
 
 
 def check_stackable(runs: list[RunConfig]) -> None:
@@ -157,10 +158,16 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     base = models[0].to(device)  # gives the code; the stacked tensors replace its weights in each call
     logits_of = vmap(lambda p, b, inputs, index: functional_call(base, (p, b), (inputs, index)),
                      in_dims=(0, 0, None, None))
-    # trainer.compile: training steps only; validation (no grad, a last partial batch) would compile again
-    train_logits_of = torch.compile(logits_of) if cfg.compile else logits_of
-
     optimizer = StackedAdamW(params, cfg.betas, cfg.weight_decay)
+
+    def update(lr: torch.Tensor) -> None:
+        _clip_per_member(params, cfg.grad_clip, num_members)
+        optimizer.step(lr)
+
+    # trainer.compile: training steps only (validation, no grad with a last partial batch, would compile
+    # again); the update compiles too: eager, its ~10 small kernels per parameter outlast the step's math
+    train_logits_of = torch.compile(logits_of) if cfg.compile else logits_of
+    train_update = torch.compile(update) if cfg.compile else update
     base_lr = torch.tensor([run.trainer.lr for run in runs], device=device)
     train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
     total_steps = len(train_loader) * cfg.max_epochs
@@ -170,17 +177,20 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     num_members = len(runs)
 
     def member_logits(inputs, labels, logits_fn=logits_of):
+        """Logits [M, N, vocab] at the batch's N labelled positions, their targets and the [B, T] mask.
+        The positions are found on the CPU: nonzero() on the GPU would wait for the step before."""
         mask = labels != IGNORE
-        index = mask.flatten().nonzero().squeeze(1)
+        index, targets = mask.flatten().nonzero().squeeze(1), labels[mask]
+        inputs, index, targets, mask = (t.to(device, non_blocking=True) for t in (inputs, index, targets, mask))
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            return logits_fn(params, buffers, inputs, index), labels[mask], mask
+            return logits_fn(params, buffers, inputs, index), targets, mask
 
     def validate(step: int, epoch: int) -> None:
         sums = torch.zeros(num_members, len(datamodule.test_slice_names), 4, dtype=torch.float64, device=device)
         with torch.no_grad():
             for inputs, labels, slice_ids in val_loader:
-                inputs, labels, slice_ids = inputs.to(device), labels.to(device), slice_ids.to(device)
                 logits, targets, mask = member_logits(inputs, labels)
+                slice_ids = slice_ids.to(device, non_blocking=True)
                 for m in range(num_members):
                     if members[m].active:
                         sums[m].index_add_(0, slice_ids, example_stats(logits[m], targets, mask))
@@ -189,40 +199,38 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
                 _after_validation(member, sums[m], step, epoch, params, m, datamodule.test_slice_names)
                 member.stack_seconds = time.perf_counter() - stack_started
 
-    step, epoch, tokens, seconds, step_seconds = 0, 0, 0, 0.0, []
+    step, epoch, tokens = 0, 0, 0
+    timer = _StepTimer(device, cfg.log_every_n_steps)
+    active_flags, active = None, None
     stack_started = time.perf_counter()
     while epoch < cfg.max_epochs and step != cfg.max_steps and any(m.active for m in members):
         for inputs, labels, _ in train_loader:
-            started = time.perf_counter()
-            inputs, labels = inputs.to(device), labels.to(device)
+            timer.start()
             logits, targets, _ = member_logits(inputs, labels, train_logits_of)
             num_logits = logits.shape[1]
             losses = F.cross_entropy(logits.float().flatten(0, 1), targets.repeat(num_members),
                                      reduction="none").view(num_members, num_logits).mean(1)
-            if step % cfg.log_every_n_steps == 0:
-                _check_finite(members, losses, step, base_lr * lr_factor(step))
-            active = torch.tensor([m.active for m in members], device=device)
+            if active_flags != [m.active for m in members]:  # a new tensor each step would wait for the GPU
+                active_flags = [m.active for m in members]
+                active = torch.tensor(active_flags, device=device)
             (losses * active).sum().backward()
-            _clip_per_member(params, cfg.grad_clip, num_members)
-            optimizer.step(base_lr * lr_factor(step) * active)
+            lrs = base_lr * lr_factor(step)
+            train_update(lrs * active)
             for p in params.values():
                 p.grad = None
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_seconds.append(time.perf_counter() - started)
-            seconds += step_seconds[-1]
             tokens += inputs.numel()
-            if (step + 1) % cfg.log_every_n_steps == 0:
-                for m, member in enumerate(members):
-                    if member.active:
-                        member.logger.log_metrics({"train/loss": losses[m].item(),
-                                                   "train/lr": (base_lr[m] * lr_factor(step)).item()}, step=step)
             step += 1
+            if timer.stepped():  # the window's steps are done: log and check this step's losses
+                _check_finite(members, losses, step - 1, lrs)
+                for m, (loss, lr) in enumerate(zip(losses.tolist(), lrs.tolist())):
+                    if members[m].active:
+                        members[m].logger.log_metrics({"train/loss": loss, "train/lr": lr}, step=step - 1)
             for member in members:
                 if member.active:
                     member.steps, member.epochs = step, epoch
                     member.stack_seconds = time.perf_counter() - stack_started
             if cfg.val_every_n_steps and step % cfg.val_every_n_steps == 0:
+                timer.stop()
                 validate(step, epoch)
             if step == cfg.max_steps or not any(m.active for m in members):
                 break
@@ -232,13 +240,50 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
                 if member.active:
                     member.epochs = epoch
             if not cfg.val_every_n_steps and epoch % cfg.val_every_n_epochs == 0:
+                timer.stop()
                 validate(step, epoch - 1)
             continue
         break
+    timer.stop()
     # every member trains on every batch: each member's rate is the stack's batches per second
-    rates = {"train_tokens_per_second": tokens / seconds if seconds else 0.0,
-             "train_step_ms_median": 1e3 * statistics.median(step_seconds or [0.0])}
+    rates = {"train_tokens_per_second": tokens / timer.seconds if timer.seconds else 0.0,
+             "train_step_ms_median": 1e3 * statistics.median(timer.step_seconds or [0.0])}
     return [_finish(member, rates, num_members) for member in members]
+
+
+class _StepTimer:
+    """Training steps' wall time with one GPU sync per `window` steps: a sync every step would stop the CPU
+    queueing the next step while the GPU runs this one. Each step of a window counts the window's mean."""
+
+    def __init__(self, device: torch.device, window: int):
+        self.device, self.window = device, window
+        self.step_seconds: list[float] = []
+        self.started: float | None = None
+        self.pending = 0
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.step_seconds)
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def stepped(self) -> bool:
+        """Count a step; True when it closed a window (the GPU has caught up)."""
+        self.pending += 1
+        if self.pending < self.window:
+            return False
+        self.stop()
+        return True
+
+    def stop(self) -> None:
+        if self.pending:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            elapsed = time.perf_counter() - self.started
+            self.step_seconds += [elapsed / self.pending] * self.pending
+        self.started, self.pending = None, 0
 
 
 def _check_finite(members: list[Member], losses: torch.Tensor, step: int, lrs: torch.Tensor) -> None:
