@@ -215,7 +215,7 @@ LAUNCH_VARIANTS = {
     # launch settings the GPU may run (kernels/gka/triton/__init__.py, _launch_config): each must give the default's
     # outputs and grads. Small scan tiles: several element blocks and several groups of chunks per scan.
     "scan-tiles": {"scan_block": 128, "scan_depth": 2},
-    "carry-partials": {"carry_partials": True, "scan_block": 256, "scan_depth": 2},
+    "carry-direct": {"carry_partials": False, "scan_block": 256, "scan_depth": 2},
 }
 
 

@@ -18,13 +18,9 @@ from .profile import kernel_times
 
 # Setting sets to profile; each group's settings are then taken from the set where that group was fastest.
 CANDIDATES = {
-    # v9: the defaults (chosen by the 2026-11-30 04:38 UTC run from v7 / v9a / v9b / v9c, NOTES.md)
-    "v9": {},
-    # v10 candidate (interpreter-tested, compiled for sm_90a, not yet timed): the carry's <Z, H0> + <dU, U0> from
-    # partial sums of the backward scan (carry 254 -> 202 registers, no [128, 128] fp32 products), with deeper scan
-    # groups on narrower element blocks
-    "v10": {"carry_partials": True},
-    "v10-d32": {"carry_partials": True, "scan_block": 512, "scan_depth": 32},
+    # the defaults: v9 (chosen by the 2026-11-30 04:38 UTC run from v7 / v9a / v9b / v9c) with v10's carry partials
+    # (chosen 04:54 UTC over v9 and a depth-32 scan, NOTES.md); add setting sets here to race them against it
+    "v10": {},
 }
 # kernel group: (settings it depends on, kernels whose times it sums)
 GROUPS = {

@@ -22,7 +22,7 @@ CONFIGS = {
     "grads-8w": {"grads_warps": 8, "grads2_warps": 8},
     "readout-8w": {"readout_warps": 8, "readout2_warps": 8},
     "scan-d8": {"scan_depth": 8},
-    "carry-partials": {"carry_partials": True},
+    "carry-direct": {"carry_partials": False},
 }
 KERNELS = ("_gka_fwd_chunk", "_gka_bwd_solve", "_gka_bwd_grads", "_gka_bwd_readout", "_gka_bwd_carry",
            "_chunk_contrib", "_state_scan_elem")
