@@ -200,7 +200,7 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
                 member.stack_seconds = time.perf_counter() - stack_started
 
     step, epoch, tokens = 0, 0, 0
-    timer = _StepTimer(device, cfg.log_every_n_steps)
+    timer = _StepTimer(device)
     active_flags, active = None, None
     stack_started = time.perf_counter()
     while epoch < cfg.max_epochs and step != cfg.max_steps and any(m.active for m in members):
@@ -220,7 +220,9 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
                 p.grad = None
             tokens += inputs.numel()
             step += 1
-            if timer.stepped():  # the window's steps are done: log and check this step's losses
+            timer.pending += 1
+            if step % cfg.log_every_n_steps == 0:  # logging waits for the GPU anyway: close the timing window
+                timer.stop()
                 _check_finite(members, losses, step - 1, lrs)
                 for m, (loss, lr) in enumerate(zip(losses.tolist(), lrs.tolist())):
                     if members[m].active:
@@ -245,6 +247,8 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
             continue
         break
     timer.stop()
+    if step % cfg.log_every_n_steps:  # the last steps were not checked yet
+        _check_finite(members, losses, step - 1, lrs)
     # every member trains on every batch: each member's rate is the stack's batches per second
     rates = {"train_tokens_per_second": tokens / timer.seconds if timer.seconds else 0.0,
              "train_step_ms_median": 1e3 * statistics.median(timer.step_seconds or [0.0])}
@@ -252,11 +256,12 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
 
 
 class _StepTimer:
-    """Training steps' wall time with one GPU sync per `window` steps: a sync every step would stop the CPU
-    queueing the next step while the GPU runs this one. Each step of a window counts the window's mean."""
+    """Training steps' wall time from a few GPU syncs (at logging steps and before validations): a sync every
+    step would stop the CPU queueing the next step while the GPU runs this one. `start()` opens a window if none
+    is open, the loop counts its steps in `pending`, `stop()` closes it: each of its steps counts its mean."""
 
-    def __init__(self, device: torch.device, window: int):
-        self.device, self.window = device, window
+    def __init__(self, device: torch.device):
+        self.device = device
         self.step_seconds: list[float] = []
         self.started: float | None = None
         self.pending = 0
@@ -268,14 +273,6 @@ class _StepTimer:
     def start(self) -> None:
         if self.started is None:
             self.started = time.perf_counter()
-
-    def stepped(self) -> bool:
-        """Count a step; True when it closed a window (the GPU has caught up)."""
-        self.pending += 1
-        if self.pending < self.window:
-            return False
-        self.stop()
-        return True
 
     def stop(self) -> None:
         if self.pending:

@@ -66,9 +66,11 @@ def test_stack_trains_each_member_as_lab_train_does(tmp_path, single_thread):
         assert (run_dir / "checkpoints" / "best.ckpt").is_file() and list(run_dir.glob("events.out.tfevents.*"))
 
 
-def test_a_diverging_member_fails_alone(tmp_path, single_thread):
-    runs = [load_config([], TINY + [f"trainer.lr={lr}", f"runs_dir={tmp_path}", f"run_name=m{i}",
-                                    "trainer.grad_clip=0", "trainer.warmup_frac=0"]) for i, lr in enumerate([1e-3, 1e12])]
+@pytest.mark.parametrize("log_every", [2, 50])  # 50: no logging step in the run, the check after the last step
+def test_a_diverging_member_fails_alone(tmp_path, single_thread, log_every):
+    runs = [load_config([], TINY + [f"trainer.lr={lr}", f"runs_dir={tmp_path}", f"run_name=m{i}", "trainer.grad_clip=0",
+                                    "trainer.warmup_frac=0", f"trainer.log_every_n_steps={log_every}"])
+            for i, lr in enumerate([1e-3, 1e12])]
     good, bad = train_stacked(runs)
     assert good["steps"] == 12 and "DivergedError" in bad["error"]
 
