@@ -3,7 +3,9 @@
 - one-by-one: `lab train` of one trial (Lightning), the way a plain worker trains;
 - K processes: K such trainings at once (`lab sweep --workers K`, or `--gpus 0 --per-gpu K`);
 - stacked: the cell's M learning rates as one vmapped model (`sweep.stack_lrs=true`, lab/stacked.py);
-- with compile=true also one-by-one and stacked under torch.compile (`trainer.compile=true`).
+- with compile=true also one-by-one and stacked under torch.compile (`trainer.compile=true`);
+- with process_stack=M the K processes each train a stack of M lrs (compiled with compile=true): what
+  `lab sweep --gpus 0 --per-gpu K sweep.stack_lrs=true` does.
 
 Each variant trains `steps` steps of one sweep cell (default: the 2-layer attention, d 128, L 256 cell of
 configs/sweeps/mqar_paper.yaml) with one validation at the end, and reports training tokens/s over all
@@ -72,11 +74,11 @@ def _rates(run: RunConfig, summary: dict, members: int, wall: float) -> dict:
             "wall_s": wall}
 
 
-def processes(k: int, sweep_file: str, cell: dict, steps: int) -> dict:
-    """k concurrent one-by-one trainings in their own processes; sums their tokens/s."""
+def processes(k: int, sweep_file: str, cell: dict, steps: int, members: int = 1) -> dict:
+    """k concurrent trainings (one-by-one, or stacks of `members`) in their own processes; sums their tokens/s."""
     with tempfile.TemporaryDirectory() as tmp:
         procs = [subprocess.Popen([sys.executable, "-m", "lab.bench_sweep", f"{tmp}/p{i}.json", sweep_file,
-                                   json.dumps(cell), str(steps)]) for i in range(k)]
+                                   json.dumps(cell), str(steps), str(members)]) for i in range(k)]
         if any(p.wait() for p in procs):
             raise LabError(f"lab bench sweep: a process of the {k}-process variant failed")
         rows = [json.loads(Path(f"{tmp}/p{i}.json").read_text()) for i in range(k)]
@@ -103,7 +105,7 @@ def full_trial(sweep_file: str, cell: dict) -> tuple[float, int, int]:
 
 def bench_sweep(sweep_file: str = str(DEFAULT_SWEEP), cell: dict | None = None, steps: int = 200,
                 members: tuple[int, ...] = (4,), process_counts: tuple[int, ...] = (2, 4),
-                compile_too: bool = False) -> list[dict]:
+                compile_too: bool = False, process_stack: int = 1) -> list[dict]:
     from rich.console import Console
 
     console = Console()
@@ -129,15 +131,23 @@ def bench_sweep(sweep_file: str = str(DEFAULT_SWEEP), cell: dict | None = None, 
                 add(f"stacked x{m}{tag}", m, stacked([cell_config(sweep_file, cell_now, lr, f"stack{m}-{i}", tmp,
                                                                   steps) for i, lr in enumerate(LRS[:m])]))
         for k in process_counts:
-            add(f"{k} process{'es' if k > 1 else ''}", k, processes(k, sweep_file, cell, steps))
+            name = f"{k} process{'es' if k > 1 else ''}"
+            if process_stack == 1:
+                add(name, k, processes(k, sweep_file, cell, steps))
+            else:  # stacks in each process, compiled when the other variants were
+                stack_cell = {**cell, "trainer.compile": compile_too}
+                tag = f", stacked x{process_stack}{' compiled' if compile_too else ''}"
+                add(name + tag, k * process_stack, processes(k, sweep_file, stack_cell, steps, process_stack))
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
     return rows
 
 
-def _process(out: str, sweep_file: str, cell: str, steps: str) -> None:
+def _process(out: str, sweep_file: str, cell: str, steps: str, members: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        result = one_by_one(cell_config(sweep_file, json.loads(cell), LRS[0], "process", tmp, int(steps)))
+        runs = [cell_config(sweep_file, json.loads(cell), lr, f"process{i}", tmp, int(steps))
+                for i, lr in enumerate(LRS[: int(members)])]
+        result = one_by_one(runs[0]) if len(runs) == 1 else stacked(runs)
     Path(out).write_text(json.dumps(result))
 
 

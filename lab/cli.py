@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["ops", "mixers", "kernels", "sweep"])
     bench.add_argument("--out", default=None, help="write the rows as JSON here")
     bench.add_argument("settings", nargs="*", metavar="key=value",
-                       help="sweep only: sweep=FILE steps=N members=4,8 processes=2,4 compile=true and cell keys "
-                            "(variant=gka model.d_model=64 task.seq_len=128 ...)")
+                       help="sweep only: sweep=FILE steps=N members=4,8 processes=2,4 process_stack=4 compile=true "
+                            "and cell keys (variant=gka model.d_model=64 task.seq_len=128 ...)")
     bench.set_defaults(handler=cmd_bench)
     return parser
 
@@ -305,8 +305,10 @@ def bench_sweep_command(settings: list[str]) -> list[dict]:
     compile_too = values.pop("compile", False)
     if not isinstance(compile_too, bool):
         raise LabError(f"compile={compile_too}: true or false")
+    (process_stack,) = numbers("process_stack", (1,))
     rows = bench_sweep(sweep_file, cell=values, steps=steps, members=numbers("members", (4,)),
-                       process_counts=numbers("processes", (2, 4), low=0), compile_too=compile_too)
+                       process_counts=numbers("processes", (2, 4), low=0), compile_too=compile_too,
+                       process_stack=process_stack)
     console().print(markdown_rows(rows))
     return rows
 
