@@ -110,6 +110,9 @@ def ridge_solve(solver, apply_A, rhs, ridge, upper, num_iter, dense_A):
     return torch.linalg.solve(dense_A(), rhs)
 
 
+# Dynamo cannot trace _ImplicitSolve under vmap (torch 2.11-2.13: it slices the Function's tensors with a traced
+# int and fails), so torch.compile (trainer.compile, stacked models) runs the solve eagerly: a graph break
+@torch.compiler.disable
 def implicit_solve(solve, apply_A, rhs, params, solver_args=()):
     """x = solve(A, rhs) with the gradient of the exact solve A^{-1} rhs (implicit differentiation).
 
