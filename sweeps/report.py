@@ -155,7 +155,7 @@ def cell_row(cell: dict, metric: str, sweep: Sweep) -> dict:
 def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict]) -> str:
     columns = list(rows[0])
     lines = [f"# Study `{study_name}`", "",
-             (f"Storage `{sweep.storage_url}`; sampler {sweep.cfg.sampler}; metric {sweep.cfg.metric} "
+             (f"Storage `{sweep.storage_shown}`; sampler {sweep.cfg.sampler}; metric {sweep.cfg.metric} "
               f"({sweep.cfg.direction}); each cell's score is its best over lr {sweep.cfg.lrs or '(not swept)'}."),
              "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -46,7 +46,7 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpu
     budget = sweep.budget()
     on_gpus = f" on GPUs {','.join(sorted(set(placement), key=placement.index))}" if placement else ""
     out.print(f"study {sweep.cfg.study}: {budget} runs ({sweep.cfg.sampler} sampler), {sweep.cfg.workers} "
-              f"worker(s){on_gpus}, storage {sweep.storage_url}")
+              f"worker(s){on_gpus}, storage {sweep.storage_shown}")
     started = time.perf_counter()
     procs = _start_workers(sweep, sweep_file, placement)
     try:
@@ -77,7 +77,7 @@ def _refuse_foreign_trials(sweep: Sweep, study: optuna.Study) -> None:
     stray = sorted(p.name for p in sweep.study_dir.glob("trial-*"))
     if stray:
         raise LabError(f"{sweep.study_dir} holds trial directories ({', '.join(stray[:3])}...) but study "
-                       f"{sweep.cfg.study!r} in {sweep.storage_url} has no trials; move them away or choose "
+                       f"{sweep.cfg.study!r} in {sweep.storage_shown} has no trials; move them away or choose "
                        "another sweep.study")
 
 
@@ -200,7 +200,7 @@ def _summary(sweep: Sweep, study: optuna.Study, seconds: float) -> dict:
         trial = pick(complete, key=lambda t: t.value)
         best = {"trial": trial.number, "value": trial.value, "run": sweep.describe(trial.user_attrs.get("overrides", {})),
                 "run_dir": trial.user_attrs.get("run_dir")}
-    return {"study": sweep.cfg.study, "storage": sweep.storage_url, "counts": counts, "best": best,
+    return {"study": sweep.cfg.study, "storage": sweep.storage_shown, "counts": counts, "best": best,
             "metric": sweep.cfg.metric, "seconds": seconds}
 
 

@@ -112,6 +112,11 @@ class Sweep:
     def storage_url(self) -> str:
         return self.cfg.storage or f"sqlite:///{self.study_dir / 'study.db'}"
 
+    @property
+    def storage_shown(self) -> str:
+        """The storage URL for messages and reports: a password in it reads ***."""
+        return hide_password(self.storage_url)
+
     def sample(self, trial) -> dict[str, Any]:
         """The run overrides of one trial: each axis whose `when` holds, after the axes its condition reads."""
         chosen: dict[str, Any] = {}
@@ -371,3 +376,16 @@ def _check_runs(sweep: Sweep) -> None:
             sweep.run_config(overrides)
         except LabError as err:
             raise LabError(f"sweep cell {cell_key(overrides, with_lr=True)}: {err}") from None
+
+
+def hide_password(url: str) -> str:
+    """`postgresql://lab:secret@host/db` -> `postgresql://lab:***@host/db`; anything else as given."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if "://" not in url:
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url

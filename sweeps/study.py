@@ -24,12 +24,12 @@ IDENTITY_KEYS = ("sampler", "seed", "pruner", "pruner_startup_trials", "pruner_w
 
 def open_storage(sweep: Sweep):
     """SQLite by default (one file per study), any SQLAlchemy URL, or an Optuna journal file (*.log)."""
-    url = sweep.storage_url
+    url, shown = sweep.storage_url, sweep.storage_shown
     cfg = sweep.cfg
     retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
     if "://" not in url:
         if not url.endswith((".log", ".jsonl")):
-            raise LabError(f"sweep.storage={url!r}: give an SQLAlchemy URL (sqlite:///..., postgresql://...) "
+            raise LabError(f"sweep.storage={shown!r}: give an SQLAlchemy URL (sqlite:///..., postgresql://...) "
                            "or a journal file path ending in .log")
         from optuna.storages.journal import JournalFileBackend
 
@@ -53,10 +53,10 @@ def open_storage(sweep: Sweep):
                 engine_url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
                 grace_period=cfg.grace_period, heartbeat_stale_trial_callback=retry)
         except ImportError as err:
-            raise LabError(f"sweep.storage={url!r}: the database driver is not installed ({err})") from None
+            raise LabError(f"sweep.storage={shown!r}: the database driver is not installed ({err})") from None
         except Exception as err:  # noqa: BLE001 - two processes creating the schema at once; retry, then report
             if attempt == 4:
-                raise LabError(f"sweep.storage={url!r}: cannot open ({str(err).splitlines()[0]})") from None
+                raise LabError(f"sweep.storage={shown!r}: cannot open ({str(err).splitlines()[0]})") from None
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -113,7 +113,7 @@ def create_or_load(sweep: Sweep, create: bool) -> optuna.Study:
                 study = optuna.load_study(**kwargs)
             break
         except KeyError:
-            raise LabError(f"study {sweep.cfg.study!r} not found in {sweep.storage_url}") from None
+            raise LabError(f"study {sweep.cfg.study!r} not found in {sweep.storage_shown}") from None
         except Exception as err:  # noqa: BLE001 - a concurrent creator may hold the lock; retry, then report
             if attempt == 4:
                 raise LabError(f"study {sweep.cfg.study!r}: cannot create or load ({str(err).splitlines()[0]})") from None
@@ -125,7 +125,7 @@ def create_or_load(sweep: Sweep, create: bool) -> optuna.Study:
     if recorded is None and create:
         study.set_user_attr("sweep", wanted)
     elif recorded is not None and recorded != wanted:
-        raise LabError(f"study {sweep.cfg.study!r} in {sweep.storage_url} was made from different settings "
+        raise LabError(f"study {sweep.cfg.study!r} in {sweep.storage_shown} was made from different settings "
                        f"({', '.join(_differences(recorded, wanted))}); rerun with the original sweep config, "
                        "or choose another sweep.study")
     return study

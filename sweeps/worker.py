@@ -174,7 +174,7 @@ def work(sweep_file: str, index: int, threads: int) -> None:
     if DDP_TRIAL_ENV in os.environ and ddp_child():
         ddp_rank(sweep, study, int(os.environ[DDP_TRIAL_ENV]), threads)
         return
-    print(f"worker {index} on study {sweep.cfg.study} ({sweep.storage_url})", flush=True)
+    print(f"worker {index} on study {sweep.cfg.study} ({sweep.storage_shown})", flush=True)
     while not finished(sweep, study):
         if sweep.cfg.stack_lrs:
             from sweeps.stacking import train_cell_stack
