@@ -16,6 +16,14 @@ class DivergedError(LabError):
     """The training loss became NaN or infinite: the run cannot recover (sweeps record the trial FAILED)."""
 
 
+def compile_fresh(fn):
+    """torch.compile(fn) with Dynamo's caches cleared first. A sweep worker trains many models in one process;
+    past Dynamo's recompile_limit (8 graphs of one function: LanguageModel.hidden_states serves every mixer and
+    shape) it would silently run the rest eagerly."""
+    torch._dynamo.reset()
+    return torch.compile(fn)
+
+
 class LabModule(L.LightningModule):
     def __init__(self, run: RunConfig, model: LanguageModel, test_slice_names: list[str]):
         super().__init__()
@@ -27,7 +35,7 @@ class LabModule(L.LightningModule):
         self.best_epoch: int | None = None
         self.best_step: int | None = None
         # trainer.compile: training steps only; validation (no grad, a last partial batch) would compile again
-        self.train_hidden_states = torch.compile(model.hidden_states) if run.trainer.compile else model.hidden_states
+        self.train_hidden_states = compile_fresh(model.hidden_states) if run.trainer.compile else model.hidden_states
 
     def supervised_logits(self, inputs: torch.Tensor, labels: torch.Tensor, hidden_states=None):
         """Logits only where a label exists: MQAR supervises N of L positions, so the LM head stays cheap."""

@@ -25,7 +25,7 @@ from lab.config import RunConfig, flatten, to_dict
 from lab.data import IGNORE, TaskDataModule
 from lab.errors import LabError
 from lab.models import build_model
-from lab.module import example_stats, lr_schedule
+from lab.module import compile_fresh, example_stats, lr_schedule
 from lab.train import quiet_lightning, run_directory, write_summary
 
 # Keys members may differ in; everything else must match (one architecture, one data stream).
@@ -166,7 +166,7 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
 
     # trainer.compile: training steps only (validation, no grad with a last partial batch, would compile
     # again); the update compiles too: eager, its ~10 small kernels per parameter outlast the step's math
-    train_logits_of = torch.compile(logits_of) if cfg.compile else logits_of
+    train_logits_of = compile_fresh(logits_of) if cfg.compile else logits_of
     train_update = torch.compile(update) if cfg.compile else update
     base_lr = torch.tensor([run.trainer.lr for run in runs], device=device)
     train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()

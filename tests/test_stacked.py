@@ -150,3 +150,13 @@ def test_every_mixer_stacks_compiled(name, tmp_path, single_thread):
     for eager, compiled in zip(train_stacked(runs("e", False)), train_stacked(runs("c", True)), strict=True):
         assert "error" not in compiled, compiled.get("error")
         assert compiled["final"]["val/loss"] == pytest.approx(eager["final"]["val/loss"], rel=1e-4)
+
+
+def test_each_compiled_run_compiles_afresh(tmp_path, single_thread, monkeypatch, caplog):
+    """A sweep worker compiles model after model in one process: past Dynamo's recompile_limit it would quietly
+    train the rest eagerly."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    for name in ("attention", "deltanet"):
+        train(load_config([], TINY + [f"model.name={name}", "trainer.max_steps=2", f"runs_dir={tmp_path}",
+                                      f"run_name={name}", "trainer.compile=true"]))  # stacks: the same compile_fresh
+    assert "recompile_limit" not in caplog.text
