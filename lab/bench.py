@@ -20,6 +20,7 @@ from lab.cli import console as make_console
 from lab.config import load_config
 from lab.data import IGNORE
 from lab.models import MODELS, build_model
+from lab.module import compile_fresh
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # every registered mixer with a demo config (configs/demo/<name>.yaml), timed at the demo size
@@ -97,7 +98,7 @@ def bench_mixers_gpu(steps: int = 20, warmup: int = 5) -> list[dict]:
         inputs, labels, mask = inputs.to(device), labels.to(device), mask.to(device)
         for variant in ("eager", "compiled"):
             try:
-                forward = torch.compile(model.hidden_states) if variant == "compiled" else model.hidden_states
+                forward = compile_fresh(model.hidden_states) if variant == "compiled" else model.hidden_states
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 times = []
                 for step in range(warmup + steps):
