@@ -86,6 +86,16 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
         # v10 (run_all 2026-11-30 04:54 UTC): the carry's <Z, H0> + <dU, U0> as partial sums from the backward
         # scan: carry 0.469 -> 0.368 ms, scans 0.288 -> 0.364 (they write the sums), -0.025 ms at 4x8192x8x128
         "carry_partials": True,
+        # v11 candidate (off until measured): the solver loops on full-width tiles with E folded into the H0
+        # product's operand, both products accumulating into the residual (kernels._resid_matvec, FOLD): three
+        # wgmma groups a step instead of eight (NOTES.md)
+        "solver_fold": False,
+        # v11 candidate (off until measured; needs solver_fold): the chunk's dH0 contribution in the backward
+        # solve's epilogue (kernels._gka_bwd_solve DH0) instead of a second _gka_bwd_grads launch
+        "solve_dh0": False,
+        # v11 candidate (off until measured; needs solver_fold): the readout's first part (the right-hand side of
+        # the second solve) in the backward solve's prologue instead of its own launch
+        "solve_readout": False,
     }
     if interpreting():
         cfg |= {"fwd_warps": 4, "bwd_warps": 4, "carry_warps": 4}
@@ -177,8 +187,9 @@ class _TritonGKA(torch.autograd.Function):
             h_states, u_states, x, o, norm, stats,
             seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
             ADAPTIVE=adaptive, HAS_G=g32 is not None, HAS_ALPHA=a32 is not None,
-            C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, INTERPRET=interpreting(), HALVES=_halves(bd),
-            READ_SPLIT=cfg["read_split"] and low, num_warps=cfg["fwd_warps"],
+            C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, INTERPRET=interpreting(),
+            HALVES=_halves(bd) and not cfg["solver_fold"], READ_SPLIT=cfg["read_split"] and low,
+            FOLD=cfg["solver_fold"], num_warps=cfg["fwd_warps"],
         )
         saved = _Saved()
         saved.tensors = (q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay)
@@ -240,7 +251,11 @@ class _TritonGKA(torch.autograd.Function):
         # the second solve's solution, for _gka_bwd_grads (whose products take it in the input dtype anyway)
         y = torch.empty(batch, seq_len, heads, key_dim, device=q.device, dtype=dx.dtype)
         halves = _halves(bd)
-        for part in (1, 2):
+        # solve_readout / solve_dh0: the readout's first part in the solve's prologue / the dH0 contributions in its
+        # epilogue (with solver_fold only; not for fp32 on the GPU, whose 8-warp tf32x3 solve then spills 4-13 kB)
+        fuse = cfg["solver_fold"] and (q.dtype != torch.float32 or interpreting())
+        solve_readout = cfg["solve_readout"] and fuse and halves
+        for part in (2,) if solve_readout else (1, 2):
             K._gka_bwd_readout[grid](
                 q, k, v, gp, a32 if a32 is not None else dummy, u_states, x, do,
                 dx, dq_direct, dk_part, dv_part, dG_part, dalpha if dalpha is not None else dummy, du_buf,
@@ -248,13 +263,16 @@ class _TritonGKA(torch.autograd.Function):
                 HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PART=part,
                 HALVES=halves and part == 1, num_warps=cfg["readout_warps"] if part == 1 else cfg["readout2_warps"],
             )
+        solve_dh0 = cfg["solve_dh0"] and fuse
         K._gka_bwd_solve[grid](
-            k, gp, h_states, norm, dx, dq_direct, dq, y,
-            seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
+            k, gp, h_states, norm, dx, dq_direct, dq, y, x, stats, dh_buf,
+            q, v, a32 if a32 is not None else dummy, u_states, do, dG_part, dalpha if dalpha is not None else dummy,
+            seq_len, heads, num_chunks, key_dim, value_dim, float(ridge), int(num_iter), float(scale),
             ADAPTIVE=adaptive, HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, DOT_PREC=prec,
-            INTERPRET=interpreting(), HALVES=halves, num_warps=cfg["bwd_warps"],
+            INTERPRET=interpreting(), HALVES=halves and not cfg["solver_fold"], FOLD=cfg["solver_fold"],
+            DH0=solve_dh0, READOUT=solve_readout, BDV=bdv, num_warps=cfg["bwd_warps"],
         )
-        for part in (1, 2):
+        for part in (1,) if solve_dh0 else (1, 2):
             K._gka_bwd_grads[grid](
                 k, gp, h_states, x, norm, stats, y, dk_part, dG_part, dh_buf,
                 seq_len, heads, num_chunks, key_dim, float(ridge),

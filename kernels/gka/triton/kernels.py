@@ -17,6 +17,8 @@ backward:           _gka_bwd_readout (two launches: readout and alpha grads, the
                     _gka_bwd_grads   (two launches: the grads through A and lam; then the chunk's dH0 contribution)
                     _state_scan_elem (reverse-time sum of those contributions, elementwise over the states)
                     _gka_bwd_carry   (what the carried state gradients give k, v, g; reverse cumsum of dG)
+(launch-setting candidates solve_readout / solve_dh0 run the readout's first part / the grads' second part inside
+_gka_bwd_solve instead.)
 
 Layouts: q, k, x, dq, dk [B, T, H, Dk] and v, o, dv [B, T, H, Dv] contiguous; g, alpha [B, T, H];
 states [B, H, N, rows, Dk] (fp32, or the input dtype with low_states); per-token fp32 scalars (norm, dG)
@@ -51,51 +53,6 @@ def _decay_mask(G, C: tl.constexpr):
 
 
 @triton.jit
-def _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC: tl.constexpr):
-    """u + (A - lam I) dd for the C iterates dd [C, BD] (dot dtype): E * (dd H0^T) + ((dd K^T) * M) K + u."""
-    u = tl.dot(dd, H0T, input_precision=DOT_PREC) * E[:, None] + u
-    xs = (tl.dot(dd, tl.trans(K), input_precision=DOT_PREC) * M).to(K.dtype)
-    return tl.dot(xs, K, acc=u, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _cheb_resid(rhs, H0T, K, M, E, lam, upper, num_iter, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    """num_iter Chebyshev steps for A x = rhs in residual form (the same iterates as _chebyshev in exact
-    arithmetic): the products apply A to the step dd = x_k - x_{k-1}, rounded to the dot dtype, and x, the
-    residual are updated with that same rounded dd, so rounding the operand is no error at all (x never
-    enters a product); what rounding is left (the masked scores) scales with the shrinking step.
-
-    u = (A - lam I) x - rhs (fp32); x fp32; dd in the dot dtype. Per step: u += (A - lam I) dd;
-    d = (w - 1) dd - w s (u + lam x); dd = round(d); x += dd.
-    """
-    step = 2.0 / (upper + lam)
-    rho = (upper - lam) / (upper + lam)
-    rho_sq = rho * rho
-    weight = tl.zeros_like(step) + 2.0
-    b = rhs.to(tl.float32)
-    dd = (step[:, None] * b).to(K.dtype)
-    x = dd.to(tl.float32)
-    u = -b
-    if INTERPRET:
-        i = 0
-        while i < num_iter:
-            u = _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC)
-            weight = 4.0 / (4.0 - rho_sq * weight)
-            d = (weight - 1.0)[:, None] * dd.to(tl.float32) - (weight * step)[:, None] * (u + lam[:, None] * x)
-            dd = d.to(K.dtype)
-            x += dd.to(tl.float32)
-            i += 1
-    else:
-        for _ in range(num_iter):
-            u = _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC)
-            weight = 4.0 / (4.0 - rho_sq * weight)
-            d = (weight - 1.0)[:, None] * dd.to(tl.float32) - (weight * step)[:, None] * (u + lam[:, None] * x)
-            dd = d.to(K.dtype)
-            x += dd.to(tl.float32)
-    return x
-
-
-@triton.jit
 def _to_dot(x, dt: tl.constexpr, ASM: tl.constexpr):
     """x (fp32) rounded to the dot dtype; ASM (bf16 on the GPU): one cvt.rn.bf16x2 for two elements (Triton
     emitted a single-element cvt plus a byte permute for each)."""
@@ -114,6 +71,62 @@ def _to_f32(x, ASM: tl.constexpr):
                                          dtype=tl.float32, is_pure=True, pack=2)
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC: tl.constexpr, FOLD: tl.constexpr = False,
+                  ASM: tl.constexpr = False):
+    """u + (A - lam I) dd for the C iterates dd [C, BD] (dot dtype): E * (dd H0^T) + ((dd K^T) * M) K + u.
+
+    FOLD: E goes into the first product's operand, round(E * dd) H0^T, so both products accumulate straight into
+    u (no [C, BD] fp32 product tile, three wgmma groups a step with both A operands from registers); the H0 term
+    then sees dd's rounding after the scaling (2^-9 relative, like the masked scores' rounding: it shrinks
+    with the step)."""
+    if FOLD:
+        u = tl.dot(_to_dot(E[:, None] * _to_f32(dd, ASM), K.dtype, ASM), H0T, acc=u, input_precision=DOT_PREC)
+    else:
+        u = tl.dot(dd, H0T, input_precision=DOT_PREC) * E[:, None] + u
+    xs = (tl.dot(dd, tl.trans(K), input_precision=DOT_PREC) * M).to(K.dtype)
+    return tl.dot(xs, K, acc=u, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _cheb_resid(rhs, H0T, K, M, E, lam, upper, num_iter, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+                FOLD: tl.constexpr = False):
+    """num_iter Chebyshev steps for A x = rhs in residual form (the same iterates as _chebyshev in exact
+    arithmetic): the products apply A to the step dd = x_k - x_{k-1}, rounded to the dot dtype, and x, the
+    residual are updated with that same rounded dd, so rounding the operand is no error at all (x never
+    enters a product); what rounding is left (the masked scores) scales with the shrinking step.
+
+    u = (A - lam I) x - rhs (fp32); x fp32; dd in the dot dtype. Per step: u += (A - lam I) dd;
+    d = (w - 1) dd - w s (u + lam x); dd = round(d); x += dd.
+    """
+    step = 2.0 / (upper + lam)
+    rho = (upper - lam) / (upper + lam)
+    rho_sq = rho * rho
+    weight = tl.zeros_like(step) + 2.0
+    b = rhs.to(tl.float32)
+    dd = (step[:, None] * b).to(K.dtype)
+    x = dd.to(tl.float32)
+    u = -b
+    ASM: tl.constexpr = (not INTERPRET) and K.dtype == tl.bfloat16  # packed conversions (_to_dot, _to_f32)
+    if INTERPRET:
+        i = 0
+        while i < num_iter:
+            u = _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC, FOLD, ASM)
+            weight = 4.0 / (4.0 - rho_sq * weight)
+            d = (weight - 1.0)[:, None] * dd.to(tl.float32) - (weight * step)[:, None] * (u + lam[:, None] * x)
+            dd = d.to(K.dtype)
+            x += dd.to(tl.float32)
+            i += 1
+    else:
+        for _ in range(num_iter):
+            u = _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC, FOLD, ASM)
+            weight = 4.0 / (4.0 - rho_sq * weight)
+            d = (weight - 1.0)[:, None] * _to_f32(dd, ASM) - (weight * step)[:, None] * (u + lam[:, None] * x)
+            dd = _to_dot(d, K.dtype, ASM)
+            x += _to_f32(dd, ASM)
+    return x
 
 
 @triton.jit
@@ -363,9 +376,11 @@ def _gka_fwd_chunk(
     T, H, N, D, DV, scale, ridge, num_iter,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
-    HALVES: tl.constexpr, READ_SPLIT: tl.constexpr = False,
+    HALVES: tl.constexpr, READ_SPLIT: tl.constexpr = False, FOLD: tl.constexpr = False,
 ):
-    """One chunk of one (batch, head): norms, Chebyshev solve, alpha-connection, readout. Grid (N, B * H)."""
+    """One chunk of one (batch, head): norms, Chebyshev solve, alpha-connection, readout. Grid (N, B * H).
+    Without HALVES (BD < 32, or FOLD): full-width tiles, the solver on the H0 tile the norms loaded (FOLD: the
+    _resid_matvec form that accumulates both products into u)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -427,17 +442,29 @@ def _gka_fwd_chunk(
         out = tl.dot(scores.to(dt), V, acc=out, input_precision=DOT_PREC)
     else:
         Q = _load(_tile(q, b, h, n, T, H, D, C, BD)).to(tl.float32)
-        X = _cheb_resid(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET)
+        X = _cheb_resid(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET,
+                        FOLD)
+        if FOLD:  # as in _gka_bwd_solve: the tiles after the loop addressed through an opaque zero
+            n = n + tl.program_id(2)
+            t = n * C + tl.arange(0, C)
+            tmask = t < T
+            Q = _load(_tile(q, b, h, n, T, H, D, C, BD)).to(tl.float32)  # loaded again: not live across the loop
         tl.store(_tile(x_out, b, h, n, T, H, D, C, BD), X, boundary_check=(0, 1))
         if HAS_ALPHA:
             a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
-            X = Q.to(tl.float32) + a[:, None] * (X - Q.to(tl.float32))
+            X = Q + a[:, None] * (X - Q)
 
         V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
-        U0 = _load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(tl.float32)
+        U0T = tl.trans(_load(_state(u_states, bh, n, N, DV, D, BDV, BD)).to(K.dtype))
         qt = X.to(K.dtype)
-        scores = tl.dot(qt, tl.trans(K), input_precision=DOT_PREC) * M
-        out = tl.dot(qt, tl.trans(U0.to(K.dtype)), input_precision=DOT_PREC) * E[:, None]
+        scores = tl.dot(qt, tl.trans(K), input_precision=DOT_PREC)
+        out = tl.dot(qt, U0T, input_precision=DOT_PREC)
+        if READ_SPLIT:  # as in the HALVES branch
+            lo = (X - qt.to(tl.float32)).to(K.dtype)
+            scores = tl.dot(lo, tl.trans(K), acc=scores, input_precision=DOT_PREC)
+            out = tl.dot(lo, U0T, acc=out, input_precision=DOT_PREC)
+        scores = scores * M
+        out = out * E[:, None]
         out = tl.dot(scores.to(K.dtype), V, acc=out, input_precision=DOT_PREC)
     tl.store(_tile(o, b, h, n, T, H, DV, C, BDV), (scale * out).to(o.dtype.element_ty), boundary_check=(0, 1))
 
@@ -479,6 +506,51 @@ def _chunk_ids(T, H, C: tl.constexpr):
 
 
 @triton.jit
+def _readout_rhs(q, k, v, alpha, u_states, x_saved, do, dx_out, dq_direct, dG_part, dalpha, M, E, b, h, bh, n, t, tmask,
+                 T, H, N, D, DV, scale, HAS_ALPHA: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+                 BDV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """_gka_bwd_readout PART 1 on column halves: writes dx = alpha dqt (the second solve's right-hand side),
+    (1 - alpha) dqt, dalpha and the readout's dG (see _gka_bwd_readout)."""
+    dt = k.dtype.element_ty
+    BH: tl.constexpr = BD // 2
+    dO = _load(_tile(do, b, h, n, T, H, DV, C, BDV))
+    V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
+    dov = tl.dot(dO, tl.trans(V), input_precision=DOT_PREC) * M  # (dO V^T) * M
+    dovd = dov.to(dt)
+    if HAS_ALPHA:
+        a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
+        da = tl.zeros([C], dtype=tl.float32)
+    dE = tl.zeros([C], dtype=tl.float32)
+    scores = tl.zeros([C, C], dtype=tl.float32)
+    for half in tl.static_range(2):
+        c0 = half * BH
+        X = _load(_tile_at(x_saved, b, h, n, T, H, D, c0, C, BH))
+        if HAS_ALPHA:
+            xq = X - _load(_tile_at(q, b, h, n, T, H, D, c0, C, BH)).to(tl.float32)
+            qt = X - (1.0 - a)[:, None] * xq
+        else:
+            qt = X
+        Kh = _load(_tile_at(k, b, h, n, T, H, D, c0, C, BH))
+        scores = tl.dot(qt.to(dt), tl.trans(Kh), acc=scores, input_precision=DOT_PREC)
+        do_u0 = tl.dot(dO, _load(_state_at(u_states, bh, n, N, DV, D, 0, c0, BDV, BH)).to(dt),
+                       input_precision=DOT_PREC)
+        dE += tl.sum(do_u0 * qt, 1)
+        dqt = scale * tl.dot(dovd, Kh, acc=E[:, None] * do_u0, input_precision=DOT_PREC)
+        if HAS_ALPHA:
+            dx = a[:, None] * dqt
+            da += tl.sum(dqt * xq, 1)
+            tl.store(_tile_at(dq_direct, b, h, n, T, H, D, c0, C, BH), dqt - dx, boundary_check=(0, 1))
+        else:
+            dx = dqt
+        tl.store(_tile_at(dx_out, b, h, n, T, H, D, c0, C, BH), dx.to(dx_out.dtype.element_ty),
+                 boundary_check=(0, 1))
+    if HAS_ALPHA:
+        tl.store(dalpha + (b * T + t) * H + h, da, mask=tmask)
+    R = scale * dov * scores
+    tl.store(dG_part + bh * N * C + t, tl.sum(R, 1) - tl.sum(R, 0) + E * (scale * dE))
+
+
+@triton.jit
 def _gka_bwd_readout(
     q, k, v, g, alpha, u_states, x_saved, do,
     dx_out, dq_direct, dk_part, dv_part, dG_part, dalpha, du_local,
@@ -501,42 +573,8 @@ def _gka_bwd_readout(
     M = _decay_mask(G, C)
     E = tl.exp(G)
     if HALVES:  # PART 1 only
-        BH: tl.constexpr = BD // 2
-        dO = _load(_tile(do, b, h, n, T, H, DV, C, BDV))
-        V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
-        dov = tl.dot(dO, tl.trans(V), input_precision=DOT_PREC) * M  # (dO V^T) * M
-        dovd = dov.to(dt)
-        if HAS_ALPHA:
-            a = tl.load(alpha + (b * T + t) * H + h, mask=tmask, other=0.0).to(tl.float32)
-            da = tl.zeros([C], dtype=tl.float32)
-        dE = tl.zeros([C], dtype=tl.float32)
-        scores = tl.zeros([C, C], dtype=tl.float32)
-        for half in tl.static_range(2):
-            c0 = half * BH
-            X = _load(_tile_at(x_saved, b, h, n, T, H, D, c0, C, BH))
-            if HAS_ALPHA:
-                xq = X - _load(_tile_at(q, b, h, n, T, H, D, c0, C, BH)).to(tl.float32)
-                qt = X - (1.0 - a)[:, None] * xq
-            else:
-                qt = X
-            Kh = _load(_tile_at(k, b, h, n, T, H, D, c0, C, BH))
-            scores = tl.dot(qt.to(dt), tl.trans(Kh), acc=scores, input_precision=DOT_PREC)
-            do_u0 = tl.dot(dO, _load(_state_at(u_states, bh, n, N, DV, D, 0, c0, BDV, BH)).to(dt),
-                           input_precision=DOT_PREC)
-            dE += tl.sum(do_u0 * qt, 1)
-            dqt = scale * tl.dot(dovd, Kh, acc=E[:, None] * do_u0, input_precision=DOT_PREC)
-            if HAS_ALPHA:
-                dx = a[:, None] * dqt
-                da += tl.sum(dqt * xq, 1)
-                tl.store(_tile_at(dq_direct, b, h, n, T, H, D, c0, C, BH), dqt - dx, boundary_check=(0, 1))
-            else:
-                dx = dqt
-            tl.store(_tile_at(dx_out, b, h, n, T, H, D, c0, C, BH), dx.to(dx_out.dtype.element_ty),
-                     boundary_check=(0, 1))
-        if HAS_ALPHA:
-            tl.store(dalpha + (b * T + t) * H + h, da, mask=tmask)
-        R = scale * dov * scores
-        tl.store(dG_part + bh * N * C + t, tl.sum(R, 1) - tl.sum(R, 0) + E * (scale * dE))
+        _readout_rhs(q, k, v, alpha, u_states, x_saved, do, dx_out, dq_direct, dG_part, dalpha, M, E, b, h, bh, n, t,
+                     tmask, T, H, N, D, DV, scale, HAS_ALPHA, C, BD, BDV, DOT_PREC)
     else:
         # Ordered so that at most ~three [C, BD] fp32 tiles are live (v5's order spilled 9 kB a thread).
         X = _load(_tile(x_saved, b, h, n, T, H, D, C, BD))
@@ -583,19 +621,28 @@ def _gka_bwd_readout(
 
 @triton.jit
 def _gka_bwd_solve(
-    k, g, h_states, norm_saved, dx_in, dq_direct, dq, y_out,
-    T, H, N, D, ridge, num_iter,
+    k, g, h_states, norm_saved, dx_in, dq_direct, dq, y_out, x_saved, stats, dh_local,
+    q, v, alpha, u_states, do, dG_part, dalpha,
+    T, H, N, D, DV, ridge, num_iter, scale,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, HALVES: tl.constexpr,
+    FOLD: tl.constexpr = False, DH0: tl.constexpr = False, READOUT: tl.constexpr = False, BDV: tl.constexpr = 16,
 ):
     """The second Chebyshev solve Y = A^{-1} dx (forward's bounds): writes Y (for _gka_bwd_grads) and
     dq = (1 - alpha) dqt + Y. Nothing but the solver is live here (the grads are a separate launch), so
-    the solver loop keeps its registers. Grid (N, B * H).
+    the solver loop keeps its registers. Grid (N, B * H). FOLD (without HALVES): _resid_matvec's folded form.
+    DH0 (without HALVES): also the chunk's dH0 contribution (_gka_bwd_grads PART 2, whose launch then goes),
+    from the fp32 Y in registers, the ridge path's weights recomputed here (_ridge_path).
+    READOUT: first _gka_bwd_readout PART 1 (its launch then goes: _readout_rhs writes dx, read back after a barrier).
     """
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
     G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     M = _decay_mask(G, C)
     E = tl.exp(G)
+    if READOUT:
+        _readout_rhs(q, k, v, alpha, u_states, x_saved, do, dx_in, dq_direct, dG_part, dalpha, M, E, b, h, bh, n, t,
+                     tmask, T, H, N, D, DV, scale, HAS_ALPHA, C, BD, BDV, DOT_PREC)
+        tl.debug_barrier()  # dx and (1 - alpha) dqt written by the whole CTA before it reads them back
     norm = tl.load(norm_saved + bh * N * C + t)
     if ADAPTIVE:
         lam = ridge * norm
@@ -617,11 +664,71 @@ def _gka_bwd_solve(
         K = _load(_tile(k, b, h, n, T, H, D, C, BD))
         H0T = tl.trans(_load(_state(h_states, bh, n, N, D, D, BD, BD))).to(K.dtype)
         dx = _load(_tile(dx_in, b, h, n, T, H, D, C, BD))
-        Y = _cheb_resid(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET)
+        Y = _cheb_resid(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET, FOLD)
+        if FOLD:
+            # tiles after the loop addressed through an opaque zero (the grid has no third axis): else the compiler
+            # reuses the address and mask tensors of the loads before the loop and keeps them live (spilled) across it
+            n = n + tl.program_id(2)
+            t = n * C + tl.arange(0, C)
         tl.store(_tile(y_out, b, h, n, T, H, D, C, BD), Y.to(y_out.dtype.element_ty), boundary_check=(0, 1))
+        if DH0:  # K, M, E again (the loop's copies would stay live across it)
+            Kr = _load(_tile(k, b, h, n, T, H, D, C, BD))
+            G, _ = _chunk_decay(g + b * T * H + h, t, t < T, H, HAS_G, C)
+            M = tl.exp(tl.where(t[:, None] >= t[None, :], G[:, None] - G[None, :], float("-inf")))  # _decay_mask
+            E = tl.exp(G)
+            if ADAPTIVE:
+                sbase = stats + bh * 2 * (N * C + N)
+                yx = tl.sum(Y * _load(_tile(x_saved, b, h, n, T, H, D, C, BD)), 1)
+                s, _, _, _, _, _ = _ridge_path(Kr, M, E, yx, norm_saved, sbase, bh, n, t, N, ridge, C, DOT_PREC)
+                w = tl.sum(M * (s * E)[:, None], 0)
+                c_h0 = 2.0 * tl.sum(s * E * E, 0)
+            else:
+                w = tl.zeros_like(E)
+                c_h0 = 0.0
+            _dh0_store(Y, Kr, E, w, c_h0, k, x_saved, h_states, dh_local, b, h, bh, n, T, H, N, D, ADAPTIVE, C,
+                       BD, DOT_PREC)
         if HAS_ALPHA:
             Y += _load(_tile(dq_direct, b, h, n, T, H, D, C, BD))
         tl.store(_tile(dq, b, h, n, T, H, D, C, BD), Y.to(dq.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _ridge_path(K, M, E, yx, norm_saved, sbase, bh, n, t, N, ridge, C: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The adaptive ridge's gradient weights of a chunk: s_c = d(loss)/d||H_c||^2 from lam_c = a ||H_c||
+    (d||H_c||^2 = a (-y_c . x_c) / (2 ||H_c||), yx = y_c . x_c; 0 where the chunk formula's ||H_c||^2 was
+    negative, as the forward clamped it), with the pieces of that formula: k_j^T H0 k_j and ||H0||^2 (the
+    forward's stats at sbase), K K^T, M (K K^T)^2 and sum_j M[c, j] k_j^T H0 k_j."""
+    norm = tl.load(norm_saved + bh * N * C + t)
+    s = ridge * -yx / (2.0 * norm)
+    energy = tl.load(sbase + t)  # k_j^T H0 k_j, from the forward
+    h_sq = tl.load(sbase + N * C + n)  # ||H0||^2
+    kk = tl.dot(K, tl.trans(K), input_precision=DOT_PREC)
+    mp = tl.dot(M, kk * kk, input_precision=DOT_PREC)
+    me = tl.sum(M * energy[None, :], 1)
+    sq = E * E * h_sq + 2.0 * E * me + tl.sum(mp * M, 1)
+    return tl.where(sq >= 0.0, s, 0.0), energy, h_sq, kk, mp, me
+
+
+@triton.jit
+def _dh0_store(Y, K, E, w, c_h0, k, x_saved, h_states, dh_local, b, h, bh, n, T, H, N, D, ADAPTIVE: tl.constexpr,
+               C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Writes the chunk's dH0 contribution -(Y E)^T X (+ 2 sum_j w_j k_j k_j^T + c_h0 H0 in adaptive mode) to
+    dh_local in column halves; Y [C, BD] fp32, K the chunk's keys, w and c_h0 the ridge path's weights."""
+    BH: tl.constexpr = BD // 2
+    dt = K.dtype
+    ye = (-Y * E[:, None]).to(dt)
+    if ADAPTIVE:
+        kw = (K.to(tl.float32) * (2.0 * w)[:, None]).to(dt)
+    for half in tl.static_range(2):
+        col0 = half * BH
+        Xh = _load(_tile_at(x_saved, b, h, n, T, H, D, col0, C, BH)).to(dt)
+        dh0 = tl.dot(tl.trans(ye), Xh, input_precision=DOT_PREC)
+        if ADAPTIVE:
+            Kh = _load(_tile_at(k, b, h, n, T, H, D, col0, C, BH))
+            H0h = _load(_state_at(h_states, bh, n, N, D, D, 0, col0, BD, BH)).to(tl.float32)
+            dh0 = tl.dot(tl.trans(kw), Kh, acc=dh0 + c_h0 * H0h, input_precision=DOT_PREC)
+        tl.store(_state_at(dh_local, bh, n, N, D, D, 0, col0, BD, BH), dh0.to(dh_local.dtype.element_ty),
+                 boundary_check=(0, 1))
 
 
 @triton.jit
@@ -665,15 +772,7 @@ def _gka_bwd_grads(
         dg_row = tl.zeros_like(E)
         dg_col = tl.zeros_like(E)
         if ADAPTIVE:
-            norm = tl.load(norm_saved + bh * N * C + t)
-            s = ridge * -yx / (2.0 * norm)
-            energy = tl.load(sbase + t)
-            h_sq = tl.load(sbase + N * C + n)
-            kk = tl.dot(K, tl.trans(K), input_precision=DOT_PREC)
-            mp = tl.dot(M, kk * kk, input_precision=DOT_PREC)
-            me = tl.sum(M * energy[None, :], 1)
-            sq = E * E * h_sq + 2.0 * E * me + tl.sum(mp * M, 1)
-            s = tl.where(sq >= 0.0, s, 0.0)
+            s, energy, h_sq, kk, mp, me = _ridge_path(K, M, E, yx, norm_saved, sbase, bh, n, t, N, ridge, C, DOT_PREC)
             dE += s * (2.0 * E * h_sq + 2.0 * me)
             w = tl.sum(M * (s * E)[:, None], 0)
             r = 2.0 * s[:, None] * (E[:, None] * energy[None, :] + mp) * M
@@ -726,16 +825,7 @@ def _gka_bwd_grads(
         dg_row = tl.zeros_like(E)  # sum_j (dM * M)[c, j] and sum_c (dM * M)[c, j]: dG = row - col + E dE
         dg_col = tl.zeros_like(E)
         if ADAPTIVE:
-            # lam_c = a ||H_c||: d||H_c||^2 = a (-y_c . x_c) / (2 ||H_c||).
-            norm = tl.load(norm_saved + bh * N * C + t)
-            s = ridge * -yx / (2.0 * norm)
-            energy = tl.load(sbase + t)  # k_j^T H0 k_j, from the forward
-            h_sq = tl.load(sbase + N * C + n)  # ||H0||^2
-            kk = tl.dot(K, tl.trans(K), input_precision=DOT_PREC)
-            mp = tl.dot(M, kk * kk, input_precision=DOT_PREC)
-            me = tl.sum(M * energy[None, :], 1)
-            sq = E * E * h_sq + 2.0 * E * me + tl.sum(mp * M, 1)
-            s = tl.where(sq >= 0.0, s, 0.0)
+            s, energy, h_sq, kk, mp, me = _ridge_path(K, M, E, yx, norm_saved, sbase, bh, n, t, N, ridge, C, DOT_PREC)
             dE += s * (2.0 * E * h_sq + 2.0 * me)
             w = tl.sum(M * (s * E)[:, None], 0)  # w_j = sum_c s_c E_c M[c, j]
             r = 2.0 * s[:, None] * (E[:, None] * energy[None, :] + mp) * M  # the norm path's dM * M
@@ -764,24 +854,15 @@ def _gka_bwd_grads(
     else:
         # dH0 = -(Y E)^T X (+ 2 sum_j w_j k_j k_j^T + 2 sum_c s_c E_c^2 H0), column halves
         K = _load(_tile(k, b, h, n, T, H, D, C, BD))
-        dt = K.dtype
         Y = _load(_tile(y_in, b, h, n, T, H, D, C, BD)).to(tl.float32)
         if ADAPTIVE:
             w = tl.load(sbase + N * C + N + t)
             c_h0 = tl.load(sbase + 2 * N * C + N + n)
-        ye = (-Y * E[:, None]).to(dt)
-        if ADAPTIVE:
-            kw = (K.to(tl.float32) * (2.0 * w)[:, None]).to(dt)
-        for half in tl.static_range(2):
-            col0 = half * BH
-            Xh = _load(_tile_at(x_saved, b, h, n, T, H, D, col0, C, BH)).to(dt)
-            dh0 = tl.dot(tl.trans(ye), Xh, input_precision=DOT_PREC)
-            if ADAPTIVE:
-                Kh = _load(_tile_at(k, b, h, n, T, H, D, col0, C, BH))
-                H0h = _load(_state_at(h_states, bh, n, N, D, D, 0, col0, BD, BH)).to(tl.float32)
-                dh0 = tl.dot(tl.trans(kw), Kh, acc=dh0 + c_h0 * H0h, input_precision=DOT_PREC)
-            tl.store(_state_at(dh_local, bh, n, N, D, D, 0, col0, BD, BH), dh0.to(dh_local.dtype.element_ty),
-                     boundary_check=(0, 1))
+        else:
+            w = tl.zeros_like(E)
+            c_h0 = 0.0
+        _dh0_store(Y, K, E, w, c_h0, k, x_saved, h_states, dh_local, b, h, bh, n, T, H, N, D, ADAPTIVE, C, BD,
+                   DOT_PREC)
 
 
 @triton.jit

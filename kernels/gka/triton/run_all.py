@@ -21,6 +21,13 @@ CANDIDATES = {
     # the defaults: v9 (chosen by the 2026-11-30 04:38 UTC run from v7 / v9a / v9b / v9c) with v10's carry partials
     # (chosen 04:54 UTC over v9 and a depth-32 scan, NOTES.md); add setting sets here to race them against it
     "v10": {},
+    # v11 candidates (NOTES.md): the solver loops with E folded into the H0 product's operand (three wgmma groups a
+    # step instead of eight); with it, the dH0 contributions from the backward solve's epilogue (no second grads
+    # launch) and / or the readout's first part as the solve's prologue (no first readout launch)
+    "v11-fold": {"solver_fold": True},
+    "v11-fold-dh0": {"solver_fold": True, "solve_dh0": True},
+    "v11-fold-readout": {"solver_fold": True, "solve_readout": True},
+    "v11-fold-both": {"solver_fold": True, "solve_dh0": True, "solve_readout": True},
 }
 # kernel group: (settings it depends on, kernels whose times it sums)
 GROUPS = {
@@ -28,7 +35,10 @@ GROUPS = {
     "grads": (("grads_warps", "grads2_warps"), ("_gka_bwd_grads",)),
     "scan+carry": (("scan_block", "scan_depth", "scan_elem_warps", "contrib_warps", "carry_warps", "carry_partials"),
                    ("_chunk_contrib", "_state_scan_elem", "_gka_bwd_carry")),
-    "solver": (("fwd_warps", "bwd_warps"), ("_gka_fwd_chunk", "_gka_bwd_solve")),
+    # (solve_dh0 / solve_readout move a launch of _gka_bwd_grads / _gka_bwd_readout into the solve: their times count
+    # here too)
+    "solver": (("fwd_warps", "bwd_warps", "solver_fold", "solve_dh0", "solve_readout"),
+               ("_gka_fwd_chunk", "_gka_bwd_solve", "_gka_bwd_grads", "_gka_bwd_readout")),
 }
 # the shape the sets are profiled at (the one short of issue 3's target)
 SWEEP_SHAPE = (4, 8192, 8, 128)
