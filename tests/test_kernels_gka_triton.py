@@ -216,7 +216,7 @@ LAUNCH_VARIANTS = {
     # outputs and grads. Small scan tiles: several element blocks and several groups of chunks per scan.
     "scan-tiles": {"scan_block": 128, "scan_depth": 2},
     "carry-direct": {"carry_partials": False, "scan_block": 256, "scan_depth": 2},
-    "solver-fold": {"solver_fold": True},
+    "solver-fold": {"solver_fold": True, "contrib_halves": True},
     "solver-fold-fused": {"solver_fold": True, "solve_dh0": True, "solve_readout": True},
 }
 

@@ -96,6 +96,9 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
         # v11 candidate (off until measured; needs solver_fold): the readout's first part (the right-hand side of
         # the second solve) in the backward solve's prologue instead of its own launch
         "solve_readout": False,
+        # v11 candidate (off until measured): _chunk_contrib's products in row halves (ptxas: 220 -> 158 registers at
+        # 4 warps, three CTAs per SM instead of two)
+        "contrib_halves": False,
     }
     if interpreting():
         cfg |= {"fwd_warps": 4, "bwd_warps": 4, "carry_warps": 4}
@@ -179,7 +182,8 @@ class _TritonGKA(torch.autograd.Function):
         K._chunk_contrib[(num_chunks, batch * heads)](
             k, v, dummy if g32 is None else g32, h_states, u_states, dummy if decay is None else decay,
             seq_len, heads, num_chunks, key_dim, value_dim,
-            HAS_G=g32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, num_warps=cfg["contrib_warps"],
+            HAS_G=g32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec,
+            HALVES=cfg["contrib_halves"] and _halves(bd) and _halves(bdv), num_warps=cfg["contrib_warps"],
         )
         _scan_elem(h_states, u_states, decay, h0_32, u0_32, h_final, u_final, cfg, reverse=False)
         K._gka_fwd_chunk[(num_chunks, batch * heads)](

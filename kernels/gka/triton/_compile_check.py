@@ -4,7 +4,8 @@
 
 (fp32 wants GKA_C=32 GKA_PREC=tf32x3, as the GPU path runs it.) Launch-setting candidates: GKA_FOLD=1 (solver_fold:
 the solver kernels on full-width tiles, FOLD), GKA_DH0=1 (solve_dh0: the backward solve with the dH0 epilogue),
-GKA_READOUT=1 (solve_readout: the backward solve with the readout's first part as its prologue).
+GKA_READOUT=1 (solve_readout: the backward solve with the readout's first part as its prologue), GKA_CONTRIB_HALVES=1
+(contrib_halves).
 """
 
 import os
@@ -81,7 +82,8 @@ def main(argv=None):
         (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 1, "HALVES": halves}, 4),
         (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 2}, 4),
         (K._gka_bwd_carry, {**chunk, "HAS_G": True, "BDV": dim}, 8),
-        (K._chunk_contrib, {**chunk, "HAS_G": True, "BDV": dim}, 4),
+        (K._chunk_contrib, {**chunk, "HAS_G": True, "BDV": dim, "HALVES": os.environ.get("GKA_CONTRIB_HALVES") == "1"},
+         4),
         (K._state_scan_elem, {"HAS_G": True, "HAS_INIT": True, "REVERSE": True, "BLOCK": 1024, "DEPTH": 16,
                               "INTERPRET": False}, 4),
     ]

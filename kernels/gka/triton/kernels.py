@@ -234,24 +234,42 @@ def _sq_norms(H0, K, M, E, DOT_PREC: tl.constexpr):
 def _chunk_contrib(
     k, v, g, h_states, u_states, decay_out, T, H, N, D, DV,
     HAS_G: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr,
+    HALVES: tl.constexpr = False,
 ):
     """Chunk-parallel half of the forward state scan: writes chunk n's own contributions to the next start
     states, (K * e^{G_last - G})^T K into h_states[n] and (V * e^{G_last - G})^T K into u_states[n]
     (_state_scan_elem then turns them into the start states in place), and with gates e^{G_last} of the chunk
-    into decay_out [B, H, N] (both scans read it: one load a chunk). Grid (N, B * H)."""
+    into decay_out [B, H, N] (both scans read it: one load a chunk). Grid (N, B * H).
+    HALVES (BD, BDV >= 32): each contribution in two row halves ([BD/2, BD] fp32 products, not [BD, BD])."""
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
     K = _load(_tile(k, b, h, n, T, H, D, C, BD))
     G, g_last = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     to_end = tl.exp(g_last - G)
     if HAS_G:
         tl.store(decay_out + bh * N + n, tl.exp(g_last))
-    kd = (K.to(tl.float32) * to_end[:, None]).to(K.dtype)
-    tl.store(_state(h_states, bh, n, N, D, D, BD, BD),
-             tl.dot(tl.trans(kd), K, input_precision=DOT_PREC).to(h_states.dtype.element_ty), boundary_check=(0, 1))
-    V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
-    vd = (V.to(tl.float32) * to_end[:, None]).to(K.dtype)
-    tl.store(_state(u_states, bh, n, N, DV, D, BDV, BD),
-             tl.dot(tl.trans(vd), K, input_precision=DOT_PREC).to(u_states.dtype.element_ty), boundary_check=(0, 1))
+    if HALVES:
+        BH: tl.constexpr = BD // 2
+        BVH: tl.constexpr = BDV // 2
+        for half in tl.static_range(2):
+            kd = (_load(_tile_at(k, b, h, n, T, H, D, half * BH, C, BH)).to(tl.float32) * to_end[:, None]).to(K.dtype)
+            tl.store(_state_at(h_states, bh, n, N, D, D, half * BH, 0, BH, BD),
+                     tl.dot(tl.trans(kd), K, input_precision=DOT_PREC).to(h_states.dtype.element_ty),
+                     boundary_check=(0, 1))
+        for half in tl.static_range(2):
+            vd = (_load(_tile_at(v, b, h, n, T, H, DV, half * BVH, C, BVH)).to(tl.float32) * to_end[:, None]).to(K.dtype)
+            tl.store(_state_at(u_states, bh, n, N, DV, D, half * BVH, 0, BVH, BD),
+                     tl.dot(tl.trans(vd), K, input_precision=DOT_PREC).to(u_states.dtype.element_ty),
+                     boundary_check=(0, 1))
+    else:
+        kd = (K.to(tl.float32) * to_end[:, None]).to(K.dtype)
+        tl.store(_state(h_states, bh, n, N, D, D, BD, BD),
+                 tl.dot(tl.trans(kd), K, input_precision=DOT_PREC).to(h_states.dtype.element_ty),
+                 boundary_check=(0, 1))
+        V = _load(_tile(v, b, h, n, T, H, DV, C, BDV))
+        vd = (V.to(tl.float32) * to_end[:, None]).to(K.dtype)
+        tl.store(_state(u_states, bh, n, N, DV, D, BDV, BD),
+                 tl.dot(tl.trans(vd), K, input_precision=DOT_PREC).to(u_states.dtype.element_ty),
+                 boundary_check=(0, 1))
 
 
 @triton.jit

@@ -24,7 +24,7 @@ CANDIDATES = {
     # v11 candidates (NOTES.md): the solver loops with E folded into the H0 product's operand (three wgmma groups a
     # step instead of eight); with it, the dH0 contributions from the backward solve's epilogue (no second grads
     # launch) and / or the readout's first part as the solve's prologue (no first readout launch)
-    "v11-fold": {"solver_fold": True},
+    "v11-fold": {"solver_fold": True, "contrib_halves": True},  # (contrib_halves is raced in the scan+carry group)
     "v11-fold-dh0": {"solver_fold": True, "solve_dh0": True},
     "v11-fold-readout": {"solver_fold": True, "solve_readout": True},
     "v11-fold-both": {"solver_fold": True, "solve_dh0": True, "solve_readout": True},
@@ -33,7 +33,8 @@ CANDIDATES = {
 GROUPS = {
     "readout": (("readout_warps", "readout2_warps"), ("_gka_bwd_readout",)),
     "grads": (("grads_warps", "grads2_warps"), ("_gka_bwd_grads",)),
-    "scan+carry": (("scan_block", "scan_depth", "scan_elem_warps", "contrib_warps", "carry_warps", "carry_partials"),
+    "scan+carry": (("scan_block", "scan_depth", "scan_elem_warps", "contrib_warps", "carry_warps", "carry_partials",
+                    "contrib_halves"),
                    ("_chunk_contrib", "_state_scan_elem", "_gka_bwd_carry")),
     # (solve_dh0 / solve_readout move a launch of _gka_bwd_grads / _gka_bwd_readout into the solve: their times count
     # here too)
