@@ -86,10 +86,23 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int) -> float:
             torch.cuda.empty_cache()
 
     value = record_summary(trial, summary, sweep.cfg.metric)
+    yield_to_older_twin(sweep, trial)
     if pruning.pruned_at is not None:
         trial.set_user_attr("pruned_at", pruning.pruned_at)
         raise optuna.TrialPruned(f"pruned at step {pruning.pruned_at}")
     return value
+
+
+def yield_to_older_twin(sweep: Sweep, trial: optuna.Trial) -> None:
+    """Two workers that took one grid point at once can both miss the other (each read the study before the
+    other recorded the run) and both train it; afterwards the younger yields, as it would have at the start,
+    so the run counts once."""
+    if sweep.cfg.sampler != "grid":
+        return
+    owner = _same_run(trial.study, trial.number, trial.user_attrs["run_key"])
+    if owner is not None and owner.number < trial.number and owner.state != TrialState.FAIL:
+        trial.set_user_attr("duplicate_of", owner.number)
+        raise optuna.TrialPruned(f"same run as trial {owner.number}")
 
 
 def record_summary(trial: optuna.Trial, summary: dict, metric: str) -> float:

@@ -244,3 +244,24 @@ def test_two_launchers_started_at_once(tmp_path):
     assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
     complete = by_state(trials_of(tmp_path, "race"), TrialState.COMPLETE)
     assert sorted(t.params["trainer.lr"] for t in complete) == [1e-3, 3e-3, 1e-2]
+
+
+def test_grid_twins_that_missed_each_other_count_once(tmp_path, monkeypatch):
+    """Two workers take one grid point at once; the younger reads the study before the older records the run,
+    so both train it (seen under load in CI). The younger yields when done: the run counts once."""
+    from sweeps import worker
+    from sweeps.study import create_or_load
+
+    sweep = load_sweep(write_sweep(tmp_path, {"study": "twins", "lrs": [1e-3]}), [f"runs_dir={tmp_path / 'runs'}"])
+    study = create_or_load(sweep, create=True)
+    older, younger = study.ask(), study.ask()  # one grid point: both get it
+
+    def train_while_the_older_records_its_run(run, callbacks):
+        worker.describe_trial(older, sweep)
+        return train(run, callbacks=callbacks)
+
+    train = worker.train
+    monkeypatch.setattr(worker, "train", train_while_the_older_records_its_run)
+    with pytest.raises(optuna.TrialPruned, match=f"same run as trial {older.number}"):
+        worker.objective(sweep, younger, threads=1)
+    assert younger.user_attrs["duplicate_of"] == older.number and "duplicate_of" not in older.user_attrs
