@@ -86,23 +86,24 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int) -> float:
             torch.cuda.empty_cache()
 
     value = record_summary(trial, summary, sweep.cfg.metric)
-    yield_to_older_twin(sweep, trial)
+    twin = older_twin(sweep, trial)
+    if twin is not None:
+        trial.set_user_attr("duplicate_of", twin.number)
+        raise optuna.TrialPruned(f"same run as trial {twin.number}")
     if pruning.pruned_at is not None:
         trial.set_user_attr("pruned_at", pruning.pruned_at)
         raise optuna.TrialPruned(f"pruned at step {pruning.pruned_at}")
     return value
 
 
-def yield_to_older_twin(sweep: Sweep, trial: optuna.Trial) -> None:
-    """Two workers that took one grid point at once can both miss the other (each read the study before the
-    other recorded the run) and both train it; afterwards the younger yields, as it would have at the start,
-    so the run counts once."""
+def older_twin(sweep: Sweep, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """After training: an older trial of the same run, to which this one yields (recorded as its duplicate).
+    Two workers that took one grid point at once can both miss the other (each read the study before the
+    other recorded the run) and both train it; the younger yields, as it would have at the start."""
     if sweep.cfg.sampler != "grid":
-        return
+        return None
     owner = _same_run(trial.study, trial.number, trial.user_attrs["run_key"])
-    if owner is not None and owner.number < trial.number and owner.state != TrialState.FAIL:
-        trial.set_user_attr("duplicate_of", owner.number)
-        raise optuna.TrialPruned(f"same run as trial {owner.number}")
+    return owner if owner is not None and owner.number < trial.number and owner.state != TrialState.FAIL else None
 
 
 def record_summary(trial: optuna.Trial, summary: dict, metric: str) -> float:
