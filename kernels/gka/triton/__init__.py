@@ -87,7 +87,7 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
         # scan: carry 0.469 -> 0.368 ms, scans 0.288 -> 0.364 (they write the sums), -0.025 ms at 4x8192x8x128
         "carry_partials": True,
         # v11 candidate (off until measured): the solver loops on full-width tiles with E folded into the H0
-        # product's operand, both products accumulating into the residual (kernels._resid_matvec, FOLD): three
+        # product's operand, both products accumulating into the residual (kernels._fold_step): three
         # wgmma groups a step instead of eight (NOTES.md)
         "solver_fold": False,
         # v11 candidate (off until measured; needs solver_fold): the chunk's dH0 contribution in the backward

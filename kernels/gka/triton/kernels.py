@@ -74,20 +74,28 @@ def _to_f32(x, ASM: tl.constexpr):
 
 
 @triton.jit
-def _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC: tl.constexpr, FOLD: tl.constexpr = False,
-                  ASM: tl.constexpr = False):
-    """u + (A - lam I) dd for the C iterates dd [C, BD] (dot dtype): E * (dd H0^T) + ((dd K^T) * M) K + u.
-
-    FOLD: E goes into the first product's operand, round(E * dd) H0^T, so both products accumulate straight into
-    u (no [C, BD] fp32 product tile, three wgmma groups a step with both A operands from registers); the H0 term
-    then sees dd's rounding after the scaling (2^-9 relative, like the masked scores' rounding: it shrinks
-    with the step)."""
-    if FOLD:
-        u = tl.dot(_to_dot(E[:, None] * _to_f32(dd, ASM), K.dtype, ASM), H0T, acc=u, input_precision=DOT_PREC)
-    else:
-        u = tl.dot(dd, H0T, input_precision=DOT_PREC) * E[:, None] + u
+def _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC: tl.constexpr):
+    """u + (A - lam I) dd for the C iterates dd [C, BD] (dot dtype): E * (dd H0^T) + ((dd K^T) * M) K + u."""
+    u = tl.dot(dd, H0T, input_precision=DOT_PREC) * E[:, None] + u
     xs = (tl.dot(dd, tl.trans(K), input_precision=DOT_PREC) * M).to(K.dtype)
     return tl.dot(xs, K, acc=u, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _fold_step(dd, u, x, weight, H0T, K, M, E, lam, step, rho_sq, DOT_PREC: tl.constexpr, ASM: tl.constexpr):
+    """One step of _cheb_resid's FOLD form: E goes into the first product's operand, round(E * dd) H0^T, so both
+    products accumulate straight into u (no [C, BD] fp32 product tile; three wgmma groups a step, the first with its
+    A operand from registers). The H0 term then sees dd's rounding after the scaling (2^-9 relative, like the masked
+    scores' rounding: it shrinks with the step). x holds x_{k-1} on entry: its update by dd sits between the
+    products and does not depend on them, so ptxas issues it while the H0 product runs."""
+    ddf = _to_f32(dd, ASM)
+    u = tl.dot(_to_dot(E[:, None] * ddf, K.dtype, ASM), H0T, acc=u, input_precision=DOT_PREC)
+    x += ddf
+    xs = (tl.dot(dd, tl.trans(K), input_precision=DOT_PREC) * M).to(K.dtype)
+    u = tl.dot(xs, K, acc=u, input_precision=DOT_PREC)
+    weight = 4.0 / (4.0 - rho_sq * weight)
+    d = (weight - 1.0)[:, None] * ddf - (weight * step)[:, None] * (u + lam[:, None] * x)
+    return _to_dot(d, K.dtype, ASM), u, x, weight
 
 
 @triton.jit
@@ -110,10 +118,21 @@ def _cheb_resid(rhs, H0T, K, M, E, lam, upper, num_iter, DOT_PREC: tl.constexpr,
     x = dd.to(tl.float32)
     u = -b
     ASM: tl.constexpr = (not INTERPRET) and K.dtype == tl.bfloat16  # packed conversions (_to_dot, _to_f32)
-    if INTERPRET:
+    if FOLD:  # (_fold_step; x lags one step behind dd in its loop)
+        x = tl.zeros_like(u)
+        if INTERPRET:
+            i = 0
+            while i < num_iter:
+                dd, u, x, weight = _fold_step(dd, u, x, weight, H0T, K, M, E, lam, step, rho_sq, DOT_PREC, ASM)
+                i += 1
+        else:
+            for _ in range(num_iter):
+                dd, u, x, weight = _fold_step(dd, u, x, weight, H0T, K, M, E, lam, step, rho_sq, DOT_PREC, ASM)
+        x += _to_f32(dd, ASM)
+    elif INTERPRET:
         i = 0
         while i < num_iter:
-            u = _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC, FOLD, ASM)
+            u = _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC)
             weight = 4.0 / (4.0 - rho_sq * weight)
             d = (weight - 1.0)[:, None] * dd.to(tl.float32) - (weight * step)[:, None] * (u + lam[:, None] * x)
             dd = d.to(K.dtype)
@@ -121,7 +140,7 @@ def _cheb_resid(rhs, H0T, K, M, E, lam, upper, num_iter, DOT_PREC: tl.constexpr,
             i += 1
     else:
         for _ in range(num_iter):
-            u = _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC, FOLD, ASM)
+            u = _resid_matvec(dd, u, H0T, K, M, E, DOT_PREC)
             weight = 4.0 / (4.0 - rho_sq * weight)
             d = (weight - 1.0)[:, None] * _to_f32(dd, ASM) - (weight * step)[:, None] * (u + lam[:, None] * x)
             dd = _to_dot(d, K.dtype, ASM)
@@ -398,7 +417,7 @@ def _gka_fwd_chunk(
 ):
     """One chunk of one (batch, head): norms, Chebyshev solve, alpha-connection, readout. Grid (N, B * H).
     Without HALVES (BD < 32, or FOLD): full-width tiles, the solver on the H0 tile the norms loaded (FOLD: the
-    _resid_matvec form that accumulates both products into u)."""
+    _fold_step form that accumulates both products into u)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -648,7 +667,7 @@ def _gka_bwd_solve(
 ):
     """The second Chebyshev solve Y = A^{-1} dx (forward's bounds): writes Y (for _gka_bwd_grads) and
     dq = (1 - alpha) dqt + Y. Nothing but the solver is live here (the grads are a separate launch), so
-    the solver loop keeps its registers. Grid (N, B * H). FOLD (without HALVES): _resid_matvec's folded form.
+    the solver loop keeps its registers. Grid (N, B * H). FOLD (without HALVES): _fold_step's form.
     DH0 (without HALVES): also the chunk's dH0 contribution (_gka_bwd_grads PART 2, whose launch then goes),
     from the fp32 Y in registers, the ridge path's weights recomputed here (_ridge_path).
     READOUT: first _gka_bwd_readout PART 1 (its launch then goes: _readout_rhs writes dx, read back after a barrier).
