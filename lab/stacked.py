@@ -26,7 +26,7 @@ from lab.data import IGNORE, TaskDataModule
 from lab.errors import LabError
 from lab.models import build_model
 from lab.module import compile_fresh, example_stats, lr_schedule
-from lab.train import quiet_lightning, run_directory, write_summary
+from lab.train import check_gpu_present, quiet_lightning, run_directory, write_summary
 
 # Keys members may differ in; everything else must match (one architecture, one data stream).
 MEMBER_KEYS = ("trainer.lr", "run_name", "experiment")
@@ -118,9 +118,8 @@ def check_stackable(runs: list[RunConfig]) -> None:
 
 
 def pick_device(accelerator: str) -> torch.device:
+    check_gpu_present(accelerator)
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise LabError(f"trainer.accelerator={accelerator}: no CUDA GPU here")
         return torch.device("cuda")
     if accelerator not in ("auto", "cpu"):
         raise LabError(f"trainer.accelerator={accelerator!r}: stacked training takes auto, cpu, gpu or cuda")
@@ -177,11 +176,11 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     num_members = len(runs)
 
     def member_logits(inputs, labels, logits_fn=logits_of):
-        """Logits [M, N, vocab] at the batch's N labelled positions, their targets and the [B, T] mask.
-        The positions are found on the CPU: nonzero() on the GPU would wait for the step before."""
+        """Logits [M, N, vocab] at the batch's N labelled positions, their targets and the [B, T] mask (on the
+        CPU). The positions are found on the CPU: nonzero() on the GPU would wait for the step before."""
         mask = labels != IGNORE
         index, targets = mask.flatten().nonzero().squeeze(1), labels[mask]
-        inputs, index, targets, mask = (t.to(device, non_blocking=True) for t in (inputs, index, targets, mask))
+        inputs, index, targets = (t.to(device, non_blocking=True) for t in (inputs, index, targets))
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             return logits_fn(params, buffers, inputs, index), targets, mask
 
@@ -190,7 +189,7 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
         with torch.no_grad():
             for inputs, labels, slice_ids in val_loader:
                 logits, targets, mask = member_logits(inputs, labels)
-                slice_ids = slice_ids.to(device, non_blocking=True)
+                mask, slice_ids = mask.to(device, non_blocking=True), slice_ids.to(device, non_blocking=True)
                 for m in range(num_members):
                     if members[m].active:
                         sums[m].index_add_(0, slice_ids, example_stats(logits[m], targets, mask))

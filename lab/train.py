@@ -40,7 +40,6 @@ class Throughput(Callback):
 
     def __init__(self):
         self.tokens = 0
-        self.seconds = 0.0
         self.step_seconds: list[float] = []
         self._start = 0.0
 
@@ -51,12 +50,12 @@ class Throughput(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         self.step_seconds.append(time.perf_counter() - self._start)
-        self.seconds += self.step_seconds[-1]
         self.tokens += batch[0].numel() * trainer.world_size  # DDP: every rank trains its own batch
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+        seconds = sum(self.step_seconds)
+        return self.tokens / seconds if seconds else 0.0
 
 
 class PlainProgress(Callback):
@@ -105,9 +104,7 @@ def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict | None:
     ranks > 0 train too, write nothing and return None.
     """
     quiet_lightning()
-    if run.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise LabError(f"trainer.accelerator={run.trainer.accelerator}: this machine has no CUDA GPU "
-                       "(use trainer.accelerator=cpu or auto)")
+    check_gpu_present(run.trainer.accelerator)
     datamodule = TaskDataModule(run)  # validates slices before anything is written
     child = ddp_child()
     run_dir = Path(os.environ[DDP_RUN_DIR_ENV]) if child else run_directory(run)
@@ -179,6 +176,12 @@ def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict | None:
     }
     write_summary(logger, summary)
     return summary
+
+
+def check_gpu_present(accelerator: str) -> None:
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise LabError(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU "
+                       "(use trainer.accelerator=cpu or auto)")
 
 
 def write_summary(logger: TensorBoardLogger, summary: dict) -> None:

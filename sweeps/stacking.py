@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from lab.errors import LabError
 from lab.stacked import train_stacked
 from sweeps.spec import LR_KEY, Sweep
-from sweeps.worker import describe_trial, older_twin, pruning_monitor, record_summary, trial_run
+from sweeps.worker import describe_trial, pruning_monitor, record_summary, trial_run, yield_to_older_twin
 
 
 def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
@@ -69,9 +69,7 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
             _tell(study, trial, state=TrialState.FAIL)
             continue
         value = record_summary(trial, summary, sweep.cfg.metric)
-        twin = older_twin(sweep, trial)
-        if twin is not None:
-            trial.set_user_attr("duplicate_of", twin.number)
+        if yield_to_older_twin(sweep, trial) is not None:
             _tell(study, trial, state=TrialState.PRUNED)
         elif summary["pruned_at"] is not None:
             trial.set_user_attr("pruned_at", summary["pruned_at"])

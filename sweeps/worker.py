@@ -86,9 +86,8 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int) -> float:
             torch.cuda.empty_cache()
 
     value = record_summary(trial, summary, sweep.cfg.metric)
-    twin = older_twin(sweep, trial)
+    twin = yield_to_older_twin(sweep, trial)
     if twin is not None:
-        trial.set_user_attr("duplicate_of", twin.number)
         raise optuna.TrialPruned(f"same run as trial {twin.number}")
     if pruning.pruned_at is not None:
         trial.set_user_attr("pruned_at", pruning.pruned_at)
@@ -96,14 +95,17 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int) -> float:
     return value
 
 
-def older_twin(sweep: Sweep, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-    """After training: an older trial of the same run, to which this one yields (recorded as its duplicate).
+def yield_to_older_twin(sweep: Sweep, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """After training: an older trial of the same run, if any; this one is then recorded as its duplicate.
     Two workers that took one grid point at once can both miss the other (each read the study before the
     other recorded the run) and both train it; the younger yields, as it would have at the start."""
     if sweep.cfg.sampler != "grid":
         return None
     owner = _same_run(trial.study, trial.number, trial.user_attrs["run_key"])
-    return owner if owner is not None and owner.number < trial.number and owner.state != TrialState.FAIL else None
+    if owner is None or owner.number > trial.number or owner.state == TrialState.FAIL:
+        return None
+    trial.set_user_attr("duplicate_of", owner.number)
+    return owner
 
 
 def record_summary(trial: optuna.Trial, summary: dict, metric: str) -> float:

@@ -2,8 +2,6 @@
 
 import warnings
 
-import torch
-
 from ..common import check_choice, check_chunk_size, check_qkvg, check_shape
 from .chunk import chunk_gka
 from .reference import reference_gka
@@ -114,8 +112,7 @@ def gka(
             reason = "implicit_backward=False (its backward is always implicit)"
         if reason is None:
             del options["solver"]
-            # under torch.compile the Triton op runs as it is (a graph break): Inductor can't trace its launches
-            return torch.compiler.disable(triton_gka)(q, k, v, g, alpha, chunk_size=chunk_size, **options)
+            return triton_gka(q, k, v, g, alpha, chunk_size=chunk_size, **options)
         if backend == "triton":
             warnings.warn(f"gka: backend='triton' does not take {reason}; using the torch path", stacklevel=2)
     return chunk_gka(q, k, v, g, alpha, chunk_size=chunk_size, implicit_backward=implicit_backward, **options)

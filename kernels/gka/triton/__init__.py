@@ -313,6 +313,8 @@ class _TritonGKA(torch.autograd.Function):
         )
 
 
+# under torch.compile the op runs as it is (a graph break): Inductor can't trace its launches
+@torch.compiler.disable
 def triton_gka(
     q,
     k,
