@@ -12,7 +12,8 @@ Under CUDA autocast, q, k and v are cast to the autocast dtype (F.normalize hand
 layer there), so a mixer trained with bf16 autocast runs the bf16 kernels.
 
 Files: kernels.py (the kernels), NOTES.md (versions, measurements, predictions), profile.py (per-kernel
-times and a launch-setting sweep), run_all.py (sweep + gpu_check + bench in one device call),
+times), sweep.py (named launch-setting sets side by side, with registers and spills), run_all.py (a race
+of setting sets + gpu_check + bench in one device call),
 _compile_check.py (sm_90a compile and ptxas register report on a machine without a GPU). Under
 TRITON_INTERPRET=1 the same kernels run on CPU tensors (fp32 and fp16: the interpreter's bf16 dot is
 wrong).
