@@ -513,15 +513,13 @@ def _tile(ptr, b, h, n, T, H, D, C: tl.constexpr, BD: tl.constexpr):
 
     Block pointers keep the address arithmetic at each load/store instead of [C, BD] offset tensors
     that would stay live in registers across the solver loop."""
-    return tl.make_block_ptr(ptr + (b * T * H + h) * D, shape=(T, D), strides=(H * D, 1), offsets=(n * C, 0),
-                             block_shape=(C, BD), order=(1, 0))
+    return _tile_at(ptr, b, h, n, T, H, D, 0, C, BD)
 
 
 @triton.jit
 def _state(ptr, bh, n, N, R, D, BR: tl.constexpr, BD: tl.constexpr):
     """Block pointer to the [R, D] state of chunk n of a [B, H, N, R, D] buffer."""
-    return tl.make_block_ptr(ptr + (bh * N + n) * R * D, shape=(R, D), strides=(D, 1), offsets=(0, 0),
-                             block_shape=(BR, BD), order=(1, 0))
+    return _state_at(ptr, bh, n, N, R, D, 0, 0, BR, BD)
 
 
 @triton.jit
