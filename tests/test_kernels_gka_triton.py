@@ -216,8 +216,9 @@ LAUNCH_VARIANTS = {
     # outputs and grads. Small scan tiles: several element blocks and several groups of chunks per scan.
     "scan-tiles": {"scan_block": 128, "scan_depth": 2},
     "carry-direct": {"carry_partials": False, "scan_block": 256, "scan_depth": 2},
-    "solver-fold": {"solver_fold": True, "contrib_halves": True},
-    "solver-fold-fused": {"solver_fold": True, "solve_dh0": True, "solve_readout": True},
+    # column halves (the GPU takes them from 128-wide blocks on): with the v11 solver, and with v10's halves solver
+    "halves": {"halves_from": 32, "contrib_halves": True},
+    "v10-solver-halves": {"solver_fold": False, "contrib_halves": False, "halves_from": 32},
 }
 
 

@@ -6,6 +6,8 @@
    torch chunk path in float64 on the GPU (itself checked against the token-by-token reference in
    tests/test_kernels_gka.py), and the triton forward against the token-by-token float64 reference.
    Relative errors ||a - b|| / ||b|| of o, the final states and every gradient.
+   Also at the lab's own shapes (LAB_CASES: head dims 16-64, with and without gate and alpha), each in
+   its own process (`--case N` runs one; GKA_GPU_CHECK_OVERRIDES='{"key": value}' sets launch settings).
 2. Safety: zero keys, a decay of exactly 1 (g = 0) and g = -30 (decay ~1e-13) over 32k tokens, bf16:
    outputs and grads must be finite.
 3. Smoke: 3 AdamW steps of a 2-layer gka LM (bf16 autocast) through backend "auto" on CUDA, counting
@@ -17,6 +19,7 @@ Prints a table and writes gpu_check.json to $OUT (if set). Exit status 1 if a ch
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -35,7 +38,7 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state=False, device="cuda"):
+def make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state=False, device="cuda", gated=True):
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):
@@ -50,8 +53,8 @@ def make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state=F
         "k": F.normalize(randn(batch, seq_len, heads, key_dim), dim=-1),
         "v": randn(batch, seq_len, heads, value_dim),
         # the layer's gate range: mostly slow decay, some fast, a few near-resets
-        "g": torch.where(u < 0.02, -20.0, torch.where(u < 0.2, -0.5 * u, -0.02 * u)),
-        "alpha": rand(batch, seq_len, heads),
+        "g": torch.where(u < 0.02, -20.0, torch.where(u < 0.2, -0.5 * u, -0.02 * u)) if gated else None,
+        "alpha": rand(batch, seq_len, heads) if gated else None,
         "H_0": None,
         "U_0": None,
     }
@@ -69,7 +72,7 @@ def outputs_and_grads(inputs, dtype, backend, num_iter=30):
         x.requires_grad_()
     state = (leaves["H_0"], leaves["U_0"]) if "H_0" in leaves else None
     o, (h_final, u_final) = gka(
-        leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["alpha"],
+        leaves["q"], leaves["k"], leaves["v"], leaves.get("g"), leaves.get("alpha"),
         initial_state=state, output_final_state=True, num_iter=num_iter, backend=backend,
     )
     gen = torch.Generator(device=o.device).manual_seed(99)
@@ -84,15 +87,16 @@ def round_to(inputs, dtype):
     return {n: x.to(dtype).double() if n in ("q", "k", "v") else x for n, x in inputs.items()}
 
 
-def check_accuracy(shape, dtype, seed, initial_state=False, num_iter=30):
+def check_accuracy(shape, dtype, seed, initial_state=False, num_iter=30, gated=True):
     """Against float64 on the same (dtype-rounded) q, k, v: the kernel's own error. The rounding of the
-    inputs alone moves o by ~3e-3 in bf16 (conditioning up to 51), reported as "o_vs_unrounded"."""
+    inputs alone moves o by ~3e-3 in bf16 (conditioning up to 51), reported as "o_vs_unrounded".
+    gated=False: no decay and no alpha-connection (g = alpha = None), the ablation's "plain" layer."""
     batch, seq_len, heads, key_dim, value_dim = shape
-    inputs = round_to(make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state), dtype)
+    inputs = round_to(make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state, gated=gated), dtype)
     ref = outputs_and_grads(inputs, torch.float64, "torch", num_iter)
     out = outputs_and_grads(inputs, dtype, "triton", num_iter)
     errors = {name: rel_err(out[name], ref[name]) for name in ref}
-    unrounded = make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state)
+    unrounded = make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state, gated=gated)
     with torch.no_grad():
         args = [unrounded[n] for n in ("q", "k", "v", "g", "alpha")]
         state = None if unrounded["H_0"] is None else (unrounded["H_0"], unrounded["U_0"])
@@ -102,9 +106,49 @@ def check_accuracy(shape, dtype, seed, initial_state=False, num_iter=30):
     tol = TOL[dtype]
     ok = finite and all(err < (tol["fwd"] if name in ("o", "H_T", "U_T") else tol["grad"])
                         for name, err in errors.items())
-    return {"check": "accuracy", "shape": "x".join(map(str, shape)), "dtype": str(dtype).split(".")[-1],
-            "num_iter": num_iter, "initial_state": initial_state, "errors": errors | extra, "finite": finite,
-            "ok": ok}
+    return {"check": "accuracy" if gated else "accuracy-plain", "shape": "x".join(map(str, shape)),
+            "dtype": str(dtype).split(".")[-1], "num_iter": num_iter, "initial_state": initial_state,
+            "errors": errors | extra, "finite": finite, "ok": ok}
+
+
+# The shapes the lab's sweeps train at: mqar_paper's d_model 32..256 over 2 heads (head dims 16..128), L up to
+# 512, batch 256; its gka variant is the plain layer (no decay, no alpha). T = 300 is not a multiple of the chunk.
+LAB_CASES = [
+    ((256, 256, 2, 64, 64), torch.bfloat16, False),
+    ((64, 512, 2, 32, 32), torch.bfloat16, False),
+    ((64, 128, 2, 16, 16), torch.bfloat16, False),
+    ((8, 300, 2, 64, 64), torch.bfloat16, True),
+    ((8, 300, 2, 32, 32), torch.bfloat16, True),
+    ((8, 300, 2, 16, 16), torch.bfloat16, True),
+    ((4, 300, 2, 64, 48), torch.float32, False),
+    ((4, 300, 2, 16, 16), torch.float32, True),
+]
+_OVERRIDES_ENV = "GKA_GPU_CHECK_OVERRIDES"  # LAUNCH_OVERRIDES handed to an isolated case (run_all sets them)
+
+
+def check_isolated(index):
+    """LAB_CASES[index] in its own process, kernels launched synchronously: a kernel fault (an illegal address)
+    poisons the CUDA context of the process it happens in, and would fail every later check here."""
+    from .triton import LAUNCH_OVERRIDES
+
+    env = os.environ | {"CUDA_LAUNCH_BLOCKING": "1", _OVERRIDES_ENV: json.dumps(LAUNCH_OVERRIDES)}
+    proc = subprocess.run([sys.executable, "-m", "kernels.gka.gpu_check", "--case", str(index)],
+                          check=False, capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    shape, dtype, gated = LAB_CASES[index]
+    lines = [line for line in proc.stderr.splitlines() if "Error" in line] or [f"exit status {proc.returncode}"]
+    return {"check": "accuracy" if gated else "accuracy-plain", "shape": "x".join(map(str, shape)),
+            "dtype": str(dtype).split(".")[-1], "ok": False, "error": lines[-1][:200], "stderr": proc.stderr[-4000:]}
+
+
+def run_case(index):
+    from .triton import LAUNCH_OVERRIDES
+
+    LAUNCH_OVERRIDES.update(json.loads(os.environ.get(_OVERRIDES_ENV, "{}")))
+    shape, dtype, gated = LAB_CASES[index]
+    print(json.dumps(check_accuracy(shape, dtype, seed=20 + index, gated=gated)))
+    return 0
 
 
 def check_token_reference(shape, dtype, seed):
@@ -187,6 +231,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     quick = "--quick" in argv
     torch.backends.cuda.matmul.allow_tf32 = False  # the float64 reference doesn't care; keep torch exact
+    if "--case" in argv:
+        return run_case(int(argv[argv.index("--case") + 1]))
     start = time.time()
     results = []
     shapes = [(2, 2048, 4, 128, 128), (1, 1000, 2, 96, 80)] if not quick else [(1, 1000, 2, 96, 80)]
@@ -194,6 +240,7 @@ def main(argv=None):
         for i, shape in enumerate(shapes):
             results.append(check_accuracy(shape, dtype, seed=10 + i, initial_state=i == 1))
     results.append(check_accuracy((2, 2048, 4, 128, 128), torch.float32, seed=3, num_iter=10))
+    results.extend(check_isolated(i) for i in range(len(LAB_CASES) if not quick else 2))
     results.append(check_token_reference((1, 512, 2, 128, 128), torch.float32, seed=4))
     results.append(check_token_reference((1, 512, 2, 128, 128), torch.bfloat16, seed=4))
     if not quick:
@@ -215,6 +262,10 @@ def main(argv=None):
                                   if "losses" in r else r.get("error", ""))
         print(f"{'OK ' if r['ok'] else 'BAD'} {r['check']:<15} {r.get('shape', ''):<18} {r.get('dtype', ''):<8} "
               f"r={r.get('num_iter', '')} {extra} {errs}")
+    for r in results:
+        if "stderr" in r:
+            print(f"--- {r['check']} {r['shape']} {r['dtype']}: stderr (last 4000 characters)\n{r['stderr']}")
+            break
     return 0 if all(r["ok"] for r in results) else 1
 
 

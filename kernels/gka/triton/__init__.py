@@ -87,19 +87,15 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
         # v10 (run_all 2026-11-30 04:54 UTC): the carry's <Z, H0> + <dU, U0> as partial sums from the backward
         # scan: carry 0.469 -> 0.368 ms, scans 0.288 -> 0.364 (they write the sums), -0.025 ms at 4x8192x8x128
         "carry_partials": True,
-        # v11 candidate (off until measured): the solver loops on full-width tiles with E folded into the H0
-        # product's operand, both products accumulating into the residual (kernels._fold_step): three
-        # wgmma groups a step instead of eight (NOTES.md)
-        "solver_fold": False,
-        # v11 candidate (off until measured; needs solver_fold): the chunk's dH0 contribution in the backward
-        # solve's epilogue (kernels._gka_bwd_solve DH0) instead of a second _gka_bwd_grads launch
-        "solve_dh0": False,
-        # v11 candidate (off until measured; needs solver_fold): the readout's first part (the right-hand side of
-        # the second solve) in the backward solve's prologue instead of its own launch
-        "solve_readout": False,
-        # v11 candidate (off until measured): _chunk_contrib's products in row halves (ptxas: 220 -> 158 registers at
-        # 4 warps, three CTAs per SM instead of two)
-        "contrib_halves": False,
+        # v11 (run_all 2026-11-30 07:02 UTC): the solver loops on full-width tiles with E folded into the H0
+        # product's operand, both products accumulating into the residual (kernels._fold_step): three wgmma
+        # groups a step instead of eight; fwd chunk 1.588 -> 1.245 ms, bwd solve 1.287 -> 1.116 at 4x8192x8x128
+        "solver_fold": True,
+        # [C, D] tiles in column halves from this block width on (_halves)
+        "halves_from": 128,
+        # v11 (same run): _chunk_contrib's products in row halves (ptxas: 220 -> 158 registers at 4 warps, three
+        # CTAs per SM instead of two): 0.137 -> 0.118 ms
+        "contrib_halves": True,
     }
     if interpreting():
         cfg |= {"fwd_warps": 4, "bwd_warps": 4, "carry_warps": 4}
@@ -136,9 +132,13 @@ def _scan_elem(h_buf, u_buf, decay, h_init, u_init, h_out, u_out, cfg, reverse, 
     )
 
 
-def _halves(block_dim: int) -> bool:
-    """Whether the kernels split [C, D] tiles into column halves (half tiles narrower than 16 can't be dot operands)."""
-    return block_dim >= 32
+def _halves(block_dim: int, cfg: dict) -> bool:
+    """Whether the kernels split [C, D] tiles into column halves (halves narrower than 16 can't be dot operands).
+    From 128-wide blocks only (cfg["halves_from"]), where whole tiles spill: at 32 and 64 in bf16 with 64-token
+    chunks the backward's halves came out wrong on the H200 (NaN dq at D = 32, an illegal address in
+    _gka_bwd_readout at D = 64; gpu_check's lab cases, 2026-11-30 07:17 UTC), while whole tiles passed and fit there anyway. The
+    interpreter tests still run the halves at small widths (halves_from = 32)."""
+    return block_dim >= max(32, cfg["halves_from"])
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -184,7 +184,7 @@ class _TritonGKA(torch.autograd.Function):
             k, v, dummy if g32 is None else g32, h_states, u_states, dummy if decay is None else decay,
             seq_len, heads, num_chunks, key_dim, value_dim,
             HAS_G=g32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec,
-            HALVES=cfg["contrib_halves"] and _halves(bd) and _halves(bdv), num_warps=cfg["contrib_warps"],
+            HALVES=cfg["contrib_halves"] and _halves(bd, cfg) and _halves(bdv, cfg), num_warps=cfg["contrib_warps"],
         )
         _scan_elem(h_states, u_states, decay, h0_32, u0_32, h_final, u_final, cfg, reverse=False)
         K._gka_fwd_chunk[(num_chunks, batch * heads)](
@@ -193,7 +193,7 @@ class _TritonGKA(torch.autograd.Function):
             seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
             ADAPTIVE=adaptive, HAS_G=g32 is not None, HAS_ALPHA=a32 is not None,
             C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, INTERPRET=interpreting(),
-            HALVES=_halves(bd) and not cfg["solver_fold"], READ_SPLIT=cfg["read_split"] and low,
+            HALVES=_halves(bd, cfg) and not cfg["solver_fold"], READ_SPLIT=cfg["read_split"] and low,
             FOLD=cfg["solver_fold"], num_warps=cfg["fwd_warps"],
         )
         saved = _Saved()
@@ -255,12 +255,8 @@ class _TritonGKA(torch.autograd.Function):
         grid = (num_chunks, batch * heads)
         # the second solve's solution, for _gka_bwd_grads (whose products take it in the input dtype anyway)
         y = torch.empty(batch, seq_len, heads, key_dim, device=q.device, dtype=dx.dtype)
-        halves = _halves(bd)
-        # solve_readout / solve_dh0: the readout's first part in the solve's prologue / the dH0 contributions in its
-        # epilogue (with solver_fold only; not for fp32 on the GPU, whose 8-warp tf32x3 solve then spills 4-13 kB)
-        fuse = cfg["solver_fold"] and (q.dtype != torch.float32 or interpreting())
-        solve_readout = cfg["solve_readout"] and fuse and halves
-        for part in (2,) if solve_readout else (1, 2):
+        halves = _halves(bd, cfg)
+        for part in (1, 2):
             K._gka_bwd_readout[grid](
                 q, k, v, gp, a32 if a32 is not None else dummy, u_states, x, do,
                 dx, dq_direct, dk_part, dv_part, dG_part, dalpha if dalpha is not None else dummy, du_buf,
@@ -268,16 +264,14 @@ class _TritonGKA(torch.autograd.Function):
                 HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PART=part,
                 HALVES=halves and part == 1, num_warps=cfg["readout_warps"] if part == 1 else cfg["readout2_warps"],
             )
-        solve_dh0 = cfg["solve_dh0"] and fuse
         K._gka_bwd_solve[grid](
-            k, gp, h_states, norm, dx, dq_direct, dq, y, x, stats, dh_buf,
-            q, v, a32 if a32 is not None else dummy, u_states, do, dG_part, dalpha if dalpha is not None else dummy,
-            seq_len, heads, num_chunks, key_dim, value_dim, float(ridge), int(num_iter), float(scale),
+            k, gp, h_states, norm, dx, dq_direct, dq, y,
+            seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
             ADAPTIVE=adaptive, HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, DOT_PREC=prec,
             INTERPRET=interpreting(), HALVES=halves and not cfg["solver_fold"], FOLD=cfg["solver_fold"],
-            DH0=solve_dh0, READOUT=solve_readout, BDV=bdv, num_warps=cfg["bwd_warps"],
+            num_warps=cfg["bwd_warps"],
         )
-        for part in (1,) if solve_dh0 else (1, 2):
+        for part in (1, 2):
             K._gka_bwd_grads[grid](
                 k, gp, h_states, x, norm, stats, y, dk_part, dG_part, dh_buf,
                 seq_len, heads, num_chunks, key_dim, float(ridge),

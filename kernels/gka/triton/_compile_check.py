@@ -2,10 +2,8 @@
 
     TRITON_INTERPRET=0 python -m kernels.gka.triton._compile_check [bf16|fp32] [solver num_warps] [D] [kernels]
 
-(fp32 wants GKA_C=32 GKA_PREC=tf32x3, as the GPU path runs it.) Launch-setting candidates: GKA_FOLD=1 (solver_fold:
-the solver kernels on full-width tiles, FOLD), GKA_DH0=1 (solve_dh0: the backward solve with the dH0 epilogue),
-GKA_READOUT=1 (solve_readout: the backward solve with the readout's first part as its prologue), GKA_CONTRIB_HALVES=1
-(contrib_halves).
+(fp32 wants GKA_C=32 GKA_PREC=tf32x3, as the GPU path runs it.) Launch settings: GKA_FOLD=0 (solver_fold off: the
+v10 solver), GKA_CONTRIB_HALVES=1 (contrib_halves).
 """
 
 import os
@@ -68,17 +66,15 @@ def main(argv=None):
     chunk = {"C": int(os.environ.get("GKA_C", "64")), "BD": dim, "DOT_PREC": os.environ.get("GKA_PREC", "tf32")}
     flags = {"HAS_G": True, "HAS_ALPHA": True}
     low = dtype != "fp32"
-    fold = os.environ.get("GKA_FOLD") == "1"
-    halves = dim >= 32
+    fold = os.environ.get("GKA_FOLD", "1") == "1"
+    halves = dim >= 128  # _halves at the default halves_from
     solver = {"HALVES": halves and not fold, "FOLD": fold}
     jobs = [
         (K._gka_fwd_chunk, {**chunk, **flags, **solver, "BDV": dim, "ADAPTIVE": True, "INTERPRET": False,
                             "READ_SPLIT": low}, warps),
         (K._gka_bwd_readout, {**chunk, **flags, "BDV": dim, "PART": 1, "HALVES": halves}, 4),
         (K._gka_bwd_readout, {**chunk, **flags, "BDV": dim, "PART": 2}, 4),
-        (K._gka_bwd_solve, {**chunk, **flags, **solver, "ADAPTIVE": True, "INTERPRET": False,
-                            "DH0": os.environ.get("GKA_DH0") == "1", "READOUT": os.environ.get("GKA_READOUT") == "1",
-                            "BDV": dim}, warps),
+        (K._gka_bwd_solve, {**chunk, **flags, **solver, "ADAPTIVE": True, "INTERPRET": False}, warps),
         (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 1, "HALVES": halves}, 4),
         (K._gka_bwd_grads, {**chunk, "HAS_G": True, "ADAPTIVE": True, "PART": 2}, 4),
         (K._gka_bwd_carry, {**chunk, "HAS_G": True, "BDV": dim}, 8),

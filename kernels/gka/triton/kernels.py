@@ -17,8 +17,6 @@ backward:           _gka_bwd_readout (two launches: readout and alpha grads, the
                     _gka_bwd_grads   (two launches: the grads through A and lam; then the chunk's dH0 contribution)
                     _state_scan_elem (reverse-time sum of those contributions, elementwise over the states)
                     _gka_bwd_carry   (what the carried state gradients give k, v, g; reverse cumsum of dG)
-(launch-setting candidates solve_readout / solve_dh0 run the readout's first part / the grads' second part inside
-_gka_bwd_solve instead.)
 
 Layouts: q, k, x, dq, dk [B, T, H, Dk] and v, o, dv [B, T, H, Dv] contiguous; g, alpha [B, T, H];
 states [B, H, N, rows, Dk] (fp32, or the input dtype with low_states); per-token fp32 scalars (norm, dG)
@@ -656,28 +654,20 @@ def _gka_bwd_readout(
 
 @triton.jit
 def _gka_bwd_solve(
-    k, g, h_states, norm_saved, dx_in, dq_direct, dq, y_out, x_saved, stats, dh_local,
-    q, v, alpha, u_states, do, dG_part, dalpha,
-    T, H, N, D, DV, ridge, num_iter, scale,
+    k, g, h_states, norm_saved, dx_in, dq_direct, dq, y_out,
+    T, H, N, D, ridge, num_iter,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, HALVES: tl.constexpr,
-    FOLD: tl.constexpr = False, DH0: tl.constexpr = False, READOUT: tl.constexpr = False, BDV: tl.constexpr = 16,
+    FOLD: tl.constexpr = False,
 ):
     """The second Chebyshev solve Y = A^{-1} dx (forward's bounds): writes Y (for _gka_bwd_grads) and
     dq = (1 - alpha) dqt + Y. Nothing but the solver is live here (the grads are a separate launch), so
     the solver loop keeps its registers. Grid (N, B * H). FOLD (without HALVES): _fold_step's form.
-    DH0 (without HALVES): also the chunk's dH0 contribution (_gka_bwd_grads PART 2, whose launch then goes),
-    from the fp32 Y in registers, the ridge path's weights recomputed here (_ridge_path).
-    READOUT: first _gka_bwd_readout PART 1 (its launch then goes: _readout_rhs writes dx, read back after a barrier).
     """
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
     G, _ = _chunk_decay(g + b * T * H + h, t, tmask, H, HAS_G, C)
     M = _decay_mask(G, C)
     E = tl.exp(G)
-    if READOUT:
-        _readout_rhs(q, k, v, alpha, u_states, x_saved, do, dx_in, dq_direct, dG_part, dalpha, M, E, b, h, bh, n, t,
-                     tmask, T, H, N, D, DV, scale, HAS_ALPHA, C, BD, BDV, DOT_PREC)
-        tl.debug_barrier()  # dx and (1 - alpha) dqt written by the whole CTA before it reads them back
     norm = tl.load(norm_saved + bh * N * C + t)
     if ADAPTIVE:
         lam = ridge * norm
@@ -706,22 +696,6 @@ def _gka_bwd_solve(
             n = n + tl.program_id(2)
             t = n * C + tl.arange(0, C)
         tl.store(_tile(y_out, b, h, n, T, H, D, C, BD), Y.to(y_out.dtype.element_ty), boundary_check=(0, 1))
-        if DH0:  # K, M, E again (the loop's copies would stay live across it)
-            Kr = _load(_tile(k, b, h, n, T, H, D, C, BD))
-            G, _ = _chunk_decay(g + b * T * H + h, t, t < T, H, HAS_G, C)
-            M = tl.exp(tl.where(t[:, None] >= t[None, :], G[:, None] - G[None, :], float("-inf")))  # _decay_mask
-            E = tl.exp(G)
-            if ADAPTIVE:
-                sbase = stats + bh * 2 * (N * C + N)
-                yx = tl.sum(Y * _load(_tile(x_saved, b, h, n, T, H, D, C, BD)), 1)
-                s, _, _, _, _, _ = _ridge_path(Kr, M, E, yx, norm_saved, sbase, bh, n, t, N, ridge, C, DOT_PREC)
-                w = tl.sum(M * (s * E)[:, None], 0)
-                c_h0 = 2.0 * tl.sum(s * E * E, 0)
-            else:
-                w = tl.zeros_like(E)
-                c_h0 = 0.0
-            _dh0_store(Y, Kr, E, w, c_h0, k, x_saved, h_states, dh_local, b, h, bh, n, T, H, N, D, ADAPTIVE, C,
-                       BD, DOT_PREC)
         if HAS_ALPHA:
             Y += _load(_tile(dq_direct, b, h, n, T, H, D, C, BD))
         tl.store(_tile(dq, b, h, n, T, H, D, C, BD), Y.to(dq.dtype.element_ty), boundary_check=(0, 1))

@@ -18,16 +18,11 @@ from .profile import kernel_times
 
 # Setting sets to profile; each group's settings are then taken from the set where that group was fastest.
 CANDIDATES = {
-    # the defaults: v9 (chosen by the 2026-11-30 04:38 UTC run from v7 / v9a / v9b / v9c) with v10's carry partials
-    # (chosen 04:54 UTC over v9 and a depth-32 scan, NOTES.md); add setting sets here to race them against it
-    "v10": {},
-    # v11 candidates (NOTES.md): the solver loops with E folded into the H0 product's operand (three wgmma groups a
-    # step instead of eight); with it, the dH0 contributions from the backward solve's epilogue (no second grads
-    # launch) and / or the readout's first part as the solve's prologue (no first readout launch)
-    "v11-fold": {"solver_fold": True, "contrib_halves": True},  # (contrib_halves is raced in the scan+carry group)
-    "v11-fold-dh0": {"solver_fold": True, "solve_dh0": True},
-    "v11-fold-readout": {"solver_fold": True, "solve_readout": True},
-    "v11-fold-both": {"solver_fold": True, "solve_dh0": True, "solve_readout": True},
+    # the defaults: v11 (chosen by the 2026-11-30 07:02 UTC run over v10 and v11's fused solve variants, NOTES.md);
+    # add setting sets here to race them against it
+    "v11": {},
+    # v10's solver (column halves at D = 128, eight wgmma groups a step) and whole-tile _chunk_contrib
+    "v10": {"solver_fold": False, "contrib_halves": False},
 }
 # kernel group: (settings it depends on, kernels whose times it sums)
 GROUPS = {
@@ -36,10 +31,7 @@ GROUPS = {
     "scan+carry": (("scan_block", "scan_depth", "scan_elem_warps", "contrib_warps", "carry_warps", "carry_partials",
                     "contrib_halves"),
                    ("_chunk_contrib", "_state_scan_elem", "_gka_bwd_carry")),
-    # (solve_dh0 / solve_readout move a launch of _gka_bwd_grads / _gka_bwd_readout into the solve: their times count
-    # here too)
-    "solver": (("fwd_warps", "bwd_warps", "solver_fold", "solve_dh0", "solve_readout"),
-               ("_gka_fwd_chunk", "_gka_bwd_solve", "_gka_bwd_grads", "_gka_bwd_readout")),
+    "solver": (("fwd_warps", "bwd_warps", "solver_fold"), ("_gka_fwd_chunk", "_gka_bwd_solve")),
 }
 # the shape the sets are profiled at (the one short of issue 3's target)
 SWEEP_SHAPE = (4, 8192, 8, 128)
