@@ -1,6 +1,6 @@
 """One device call: a launch-setting sweep at 4 x 8192 x 8 x 128 (per-kernel times of a few setting sets),
 the fastest setting per kernel group, gpu_check with it (falling back to the defaults if it fails), per-kernel
-times of the choice at 1 x 32768 and 4 x 8192, and bench_kernels.
+times of the choice at 1 x 32768 and 4 x 8192, and bench_kernels (what `lab bench kernels` runs).
 
     python -m kernels.gka.triton.run_all     (files under $OUT)
 """
@@ -80,7 +80,7 @@ def main():
         print(f"per kernel {shp} (chosen): total {sum(ms.values()):.3f} ms", flush=True)
         for kernel, t in ms.items():
             print(f"   {t:8.3f} ms  {kernel[:60]}", flush=True)
-    rows = bench_gpu.bench_kernels(out_dir=out, torch_path=False)
+    rows = bench_gpu.bench_kernels(out_dir=out)  # with the torch chunk path's rows, as issue 3's table wants
     if out:
         with open(os.path.join(out, "run_all.json"), "w") as f:
             json.dump({"profiles": profiles, "chosen": chosen, "final_kernels": final, "gpu_check_status": status},
