@@ -37,30 +37,39 @@ class LabModule(L.LightningModule):
         # trainer.compile: training steps only; validation (no grad, a last partial batch) would compile again
         self.train_hidden_states = compile_fresh(model.hidden_states) if run.trainer.compile else model.hidden_states
 
-    def supervised_logits(self, inputs: torch.Tensor, labels: torch.Tensor, hidden_states=None):
-        """Logits only where a label exists: MQAR supervises N of L positions, so the LM head stays cheap."""
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        """(inputs, mask, flat_index, targets, slice_ids): the supervised positions found here, on the CPU.
+        Boolean indexing on the GPU (nonzero) would make the CPU wait for the step before instead of queueing
+        the next one."""
+        inputs, labels, slice_ids = batch
         mask = labels != IGNORE
+        return inputs, mask, mask.flatten().nonzero().squeeze(1), labels[mask], slice_ids
+
+    def supervised_logits(self, inputs: torch.Tensor, flat_index: torch.Tensor, hidden_states=None):
+        """Logits only where a label exists: MQAR supervises N of L positions, so the LM head stays cheap."""
         hidden = (hidden_states or self.model.hidden_states)(inputs)
-        return self.model.lm_head(hidden[mask]), labels[mask], mask
+        return self.model.lm_head(hidden.flatten(0, 1)[flat_index])
 
     def training_step(self, batch, batch_idx):
-        inputs, labels, _ = batch
-        logits, targets, _ = self.supervised_logits(inputs, labels, self.train_hidden_states)
+        inputs, _, flat_index, targets, _ = batch
+        logits = self.supervised_logits(inputs, flat_index, self.train_hidden_states)
         loss = F.cross_entropy(logits.float(), targets)
         # checked at logging steps only: the check syncs with a GPU, and NaN weights stay NaN until then
         if self.global_step % self.run.trainer.log_every_n_steps == 0 and not torch.isfinite(loss):
             raise DivergedError(f"train/loss is {loss.item()} at step {self.global_step} "
                                 f"(lr {self.optimizers().param_groups[0]['lr']:.3g}); try a smaller trainer.lr")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        # no GPU sync a step: a progress-bar metric is read every step (only a live bar shows it), and a float
+        # would become a GPU tensor through a blocking copy (a CPU tensor stays on the CPU)
+        self.log("train/loss", loss, prog_bar=self.trainer.progress_bar_callback is not None)
+        self.log("train/lr", torch.tensor(self.optimizers().param_groups[0]["lr"]))
         return loss
 
     def on_validation_epoch_start(self):
         self._val_sums = torch.zeros(len(self.test_slice_names), 4, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch, batch_idx):
-        inputs, labels, slice_ids = batch
-        logits, targets, mask = self.supervised_logits(inputs, labels)
+        inputs, mask, flat_index, targets, slice_ids = batch
+        logits = self.supervised_logits(inputs, flat_index)
         self._val_sums.index_add_(0, slice_ids, example_stats(logits, targets, mask))
 
     def on_validation_epoch_end(self):

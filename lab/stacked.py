@@ -26,7 +26,7 @@ from lab.data import IGNORE, TaskDataModule
 from lab.errors import LabError
 from lab.models import build_model
 from lab.module import compile_fresh, example_stats, lr_schedule
-from lab.train import check_gpu_present, quiet_lightning, run_directory, write_summary
+from lab.train import StepTimer, check_gpu_present, quiet_lightning, run_directory, write_summary
 
 # Keys members may differ in; everything else must match (one architecture, one data stream).
 MEMBER_KEYS = ("trainer.lr", "run_name", "experiment")
@@ -199,7 +199,7 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
                 member.stack_seconds = time.perf_counter() - stack_started
 
     step, epoch, tokens = 0, 0, 0
-    timer = _StepTimer(device)
+    timer = StepTimer(device)
     active_flags, active = None, None
     stack_started = time.perf_counter()
     while epoch < cfg.max_epochs and step != cfg.max_steps and any(m.active for m in members):
@@ -252,34 +252,6 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     rates = {"train_tokens_per_second": tokens / timer.seconds if timer.seconds else 0.0,
              "train_step_ms_median": 1e3 * statistics.median(timer.step_seconds or [0.0])}
     return [_finish(member, rates, num_members) for member in members]
-
-
-class _StepTimer:
-    """Training steps' wall time from a few GPU syncs (at logging steps and before validations): a sync every
-    step would stop the CPU queueing the next step while the GPU runs this one. `start()` opens a window if none
-    is open, the loop counts its steps in `pending`, `stop()` closes it: each of its steps counts its mean."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.step_seconds: list[float] = []
-        self.started: float | None = None
-        self.pending = 0
-
-    @property
-    def seconds(self) -> float:
-        return sum(self.step_seconds)
-
-    def start(self) -> None:
-        if self.started is None:
-            self.started = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.pending:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            elapsed = time.perf_counter() - self.started
-            self.step_seconds += [elapsed / self.pending] * self.pending
-        self.started, self.pending = None, 0
 
 
 def _check_finite(members: list[Member], losses: torch.Tensor, step: int, lrs: torch.Tensor) -> None:

@@ -35,26 +35,68 @@ def ddp_child() -> bool:
     return DDP_RUN_DIR_ENV in os.environ and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
+class StepTimer:
+    """Training steps' wall time from a few GPU syncs (at logging steps and before validations): a sync every
+    step would stop the CPU queueing the next step while the GPU runs this one. `start()` opens a window if none
+    is open, the loop counts its steps in `pending`, `stop()` closes it: each of its steps counts its mean."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.step_seconds: list[float] = []
+        self.started: float | None = None
+        self.pending = 0
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.step_seconds)
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.pending:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            elapsed = time.perf_counter() - self.started
+            self.step_seconds += [elapsed / self.pending] * self.pending
+        self.started, self.pending = None, 0
+
+
 class Throughput(Callback):
-    """Training tokens per second, timed over training batches only (no validation, no start-up)."""
+    """Training tokens per second, timed over training batches only (no validation, no start-up), in StepTimer
+    windows that close at the logging steps (the logger waits for the GPU there anyway), before each validation
+    and at the end."""
 
     def __init__(self):
         self.tokens = 0
-        self.step_seconds: list[float] = []
-        self._start = 0.0
+        self.timer = StepTimer(torch.device("cpu"))
+
+    def on_train_start(self, trainer, pl_module):
+        self.timer = StepTimer(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
+        self.timer.start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        self.step_seconds.append(time.perf_counter() - self._start)
+        self.timer.pending += 1
         self.tokens += batch[0].numel() * trainer.world_size  # DDP: every rank trains its own batch
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self.timer.stop()
+
+    def on_validation_start(self, trainer, pl_module):
+        self.timer.stop()
+
+    def on_train_end(self, trainer, pl_module):
+        self.timer.stop()
+
+    @property
+    def step_seconds(self) -> list[float]:
+        return self.timer.step_seconds
 
     @property
     def tokens_per_second(self) -> float:
-        seconds = sum(self.step_seconds)
+        seconds = self.timer.seconds
         return self.tokens / seconds if seconds else 0.0
 
 
