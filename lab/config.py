@@ -62,7 +62,10 @@ class RunConfig:
     run_name: str = ""  # empty = <model>-<date>-<time>
     runs_dir: str = "runs"
     overwrite: bool = False  # allow reusing an existing run directory (its old files are replaced)
-    seed: int = 0
+    seed: int = 0  # data, their order and (without model_seed) the initial weights
+    # the initial weights' own seed (None = seed): runs that differ only in it train on the same batches, so a
+    # sweep's seeds (sweep.seeds) stack like its lrs
+    model_seed: int | None = None
     model: Any = None
     task: Any = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -167,6 +170,8 @@ def validate(run: RunConfig) -> None:
             raise LabError(f"{name}={value!r}: must be a plain directory name (no '/')")
     if not run.experiment:
         raise LabError("experiment='': must not be empty")
+    if run.model_seed is not None and run.model_seed < 0:
+        raise LabError(f"model_seed={run.model_seed}: must be >= 0 (or null: the weights follow seed)")
 
 
 def _validate_task(task_cfg) -> None:

@@ -24,12 +24,11 @@ from torch.func import functional_call, stack_module_state, vmap
 from lab.config import RunConfig, flatten, to_dict
 from lab.data import IGNORE, TaskDataModule
 from lab.errors import LabError
-from lab.models import build_model
 from lab.module import compile_fresh, example_stats, lr_schedule
-from lab.train import StepTimer, check_gpu_present, quiet_lightning, run_directory, write_summary
+from lab.train import StepTimer, check_gpu_present, init_model, quiet_lightning, run_directory, write_summary
 
 # Keys members may differ in; everything else must match (one architecture, one data stream).
-MEMBER_KEYS = ("trainer.lr", "run_name", "experiment")
+MEMBER_KEYS = ("trainer.lr", "model_seed", "run_name", "experiment")
 AUTOCAST = {"bf16-mixed": torch.bfloat16}
 FULL_PRECISION = ("32-true", "32")
 # `prune(step, metrics)` -> True stops the member (a sweep's Optuna trial decides)
@@ -109,6 +108,8 @@ def check_stackable(runs: list[RunConfig]) -> None:
         if differing:
             raise LabError(f"stacked runs may differ only in {', '.join(MEMBER_KEYS)}; run {index} also changes "
                            f"{', '.join(differing[:4])}")
+    if len({run.model_seed is None for run in runs}) > 1:  # init_model: the data order differs between the two
+        raise LabError("stacked runs set model_seed on every member or on none")
     trainer = runs[0].trainer
     if trainer.devices != 1 or trainer.strategy != "auto":
         raise LabError("stacked training runs in one process on one device (trainer.devices=1, strategy=auto)")
@@ -145,7 +146,7 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
         L.seed_everything(run.seed, workers=True, verbose=False)  # the init `lab train` gives this run
         datamodule.setup()
-        model = build_model(run.model, datamodule.vocab_size)
+        model = init_model(run, datamodule.vocab_size)
         models.append(_Supervised(model))
         logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name,
                                    default_hp_metric=False)

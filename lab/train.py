@@ -133,6 +133,16 @@ def progress_callbacks(mode: str) -> tuple[list[Callback], bool]:
     return ([PlainProgress()] if mode == "plain" else []), False
 
 
+def init_model(run: RunConfig, vocab_size: int):
+    """The run's model, built after the data (`seed`). With model_seed, its weights come from that seed and the
+    global RNG is left untouched, so the batch order drawn from it later is the same for every model_seed."""
+    if run.model_seed is None:
+        return build_model(run.model, vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.model_seed)
+        return build_model(run.model, vocab_size)
+
+
 def validation_schedule(run: RunConfig) -> dict:
     if run.trainer.val_every_n_steps:
         return {"val_check_interval": run.trainer.val_every_n_steps, "check_val_every_n_epoch": None}
@@ -158,7 +168,7 @@ def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict | None:
         torch.set_num_threads(run.trainer.num_threads)
     L.seed_everything(run.seed, workers=True, verbose=False)
     datamodule.setup()
-    model = build_model(run.model, datamodule.vocab_size)
+    model = init_model(run, datamodule.vocab_size)
     module = LabModule(run, model, datamodule.test_slice_names)
 
     logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name, default_hp_metric=False)
@@ -246,3 +256,5 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*tensorboardX.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # LabModule.on_before_batch_transfer is meant to run (TaskDataModule has no such hook)
+    warnings.filterwarnings("ignore", message=".*overridden `on_before_batch_transfer` in `LightningModule`.*")

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from optuna.trial import TrialState
 
 from lab.cli import human_bytes
 from lab.errors import LabError
-from sweeps.spec import LR_KEY, VARIANT_KEY, Sweep, cell_key, load_sweep
+from sweeps.spec import LR_KEY, MEMBER_AXES, VARIANT_KEY, Sweep, cell_key, load_sweep
 from sweeps.study import create_or_load
 
 
@@ -113,17 +114,28 @@ def collect_runs(study: optuna.Study) -> list[dict]:
 
 
 def best_per_cell(runs: list[dict], metric: str, direction: str) -> list[dict]:
-    """Zoology's protocol: a cell (a run up to its lr) scores the best of its lrs. Cells keep first-seen order."""
+    """Zoology's protocol: a cell (a run up to its lr and seed) scores the best of its lrs, an lr the mean over its
+    seeds (`score`, with `score_std` over them and their count `seeds`); `best` is that lr's best run, whose config
+    the plots and tables read. Cells keep first-seen order."""
     by_cell = defaultdict(list)
     for run in sorted(runs, key=lambda r: r["trial"]):
         by_cell[run["cell"]].append(run)
+    sign = 1 if direction == "maximize" else -1
     cells = []
     for cell, members in by_cell.items():
-        scored = [r for r in members if r.get(metric) is not None and not _nan(r[metric])]
-        sign = 1 if direction == "maximize" else -1
-        best = max(scored, key=lambda r: sign * r[metric]) if scored else None
-        cells.append({"cell": cell, "overrides": {k: v for k, v in members[0]["overrides"].items() if k != LR_KEY},
-                      "best": best, "runs": members})
+        by_lr = defaultdict(list)
+        for run in members:
+            if run.get(metric) is not None and not _nan(run[metric]):
+                by_lr[run["lr"]].append(run)
+        means = {lr: statistics.fmean(r[metric] for r in scored) for lr, scored in by_lr.items()}
+        best_lr = max(means, key=lambda lr: sign * means[lr]) if means else None
+        scored = by_lr.get(best_lr, [])
+        cells.append({
+            "cell": cell, "overrides": {k: v for k, v in members[0]["overrides"].items() if k not in MEMBER_AXES},
+            "best": max(scored, key=lambda r: sign * r[metric]) if scored else None, "runs": members,
+            "score": means.get(best_lr), "seeds": len(scored),
+            "score_std": statistics.stdev(r[metric] for r in scored) if len(scored) > 1 else None,
+        })
     return cells
 
 
@@ -141,7 +153,9 @@ def cell_row(cell: dict, metric: str, sweep: Sweep) -> dict:
         "d_model": config.get("model", {}).get("d_model", ""),
         "seq_len": config.get("task", {}).get("seq_len", ""),
         "num_kv_pairs": config.get("task", {}).get("num_kv_pairs", ""),
-        metric: round(best[metric], 4) if best else "",  # the cell's best over its lrs
+        metric: round(cell["score"], 4) if best else "",  # the cell's best over its lrs (an lr: mean over seeds)
+        **({f"{metric}_std": "" if cell["score_std"] is None else round(cell["score_std"], 4), "seeds": cell["seeds"]}
+           if sweep.cfg.seeds else {}),
         "lr": best.get("lr", ""),
         "params": best.get("params", ""),
         "state_size_bytes": best.get("state_size_bytes", ""),
@@ -156,7 +170,8 @@ def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict]) -> str:
     columns = list(rows[0])
     lines = [f"# Study `{study_name}`", "",
              (f"Storage `{sweep.storage_shown}`; sampler {sweep.cfg.sampler}; metric {sweep.cfg.metric} "
-              f"({sweep.cfg.direction}); each cell's score is its best over lr {sweep.cfg.lrs or '(not swept)'}."),
+              f"({sweep.cfg.direction}); each cell's score is its best over lr {sweep.cfg.lrs or '(not swept)'}"
+              + (f", an lr's the mean over init seeds {sweep.cfg.seeds}." if sweep.cfg.seeds else ".")),
              "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
@@ -215,7 +230,7 @@ def zoology_plot(cells: list[dict], x_key: str, metric: str):
         if x is None:
             continue
         panel = (config["task"].get("seq_len"), config["task"].get("num_kv_pairs"))
-        panels[panel][series_name(cell)].append((x, best[metric]))
+        panels[panel][series_name(cell)].append((x, cell["score"]))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
@@ -240,9 +255,10 @@ def ablation_chart(cells: list[dict], metric: str, sweep: Sweep):
     if not scored:
         return None
     labels = [sweep.describe(c["overrides"]) or "(base)" for c in scored]
-    values = [c["best"][metric] for c in scored]
+    values = [c["score"] for c in scored]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(scored) + 1.2))
-    bars = ax.barh(range(len(scored)), values, color="tab:blue")
+    spread = [c["score_std"] or 0.0 for c in scored]  # over init seeds, when the sweep has them
+    bars = ax.barh(range(len(scored)), values, color="tab:blue", xerr=spread if any(spread) else None)
     ax.set_yticks(range(len(scored)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)

@@ -5,6 +5,7 @@
       base_configs: [configs/demo.yaml]   # run config files under `run:` (like `lab train --config`)
       sampler: grid                       # grid | tpe | random
       lrs: [1.0e-3, 1.0e-2]               # every cell at each lr; a cell's score is its best (Zoology)
+      seeds: [0, 1]                       # optional: every lr at each init seed (model_seed); an lr scores its mean
       variants:                           # named override sets: one categorical axis
         gka: {model.name: gka}
         no_gating: {model.name: gka, model.gating: false}
@@ -16,7 +17,7 @@
     run:                                  # run config keys on top of base_configs
       trainer: {max_steps: 800}
 
-A trial samples `variant`, then the space in file order, then `trainer.lr`; keys whose `when` does not hold
+A trial samples `variant`, then the space in file order, then `trainer.lr`, then `model_seed`; keys whose `when` does not hold
 are left out, so two grid points can name the same run (a duplicate, skipped by the worker). An axis with
 `sets` (like `variants`) chooses a named set of keys that move together, e.g. an MQAR (seq_len, kv pairs).
 """
@@ -38,6 +39,8 @@ PRUNERS = ("none", "median", "hyperband")
 METRICS = {"best_val_acc": "maximize", "final_val_acc": "maximize", "final_val_loss": "minimize"}
 DIRECTIONS = ("maximize", "minimize")
 LR_KEY = "trainer.lr"
+SEED_KEY = "model_seed"  # sweep.seeds: the initial weights' seed (the data follow the run's `seed`)
+MEMBER_AXES = (LR_KEY, SEED_KEY)  # what tells a cell's runs apart: a cell is a run up to its lr and seed
 VARIANT_KEY = "variant"
 
 
@@ -55,7 +58,8 @@ class SweepConfig:
     direction: str = "maximize"
     n_trials: int | None = None  # trial budget; grid: None = every cell at every lr
     lrs: list[float] = field(default_factory=lambda: [1e-4, 4.6e-4, 2.2e-3, 1e-2])  # [] = lr not swept
-    stack_lrs: bool = False  # train a cell's lrs as one stacked model in one process (lab/stacked.py); grid only
+    seeds: list[int] = field(default_factory=list)  # model_seed values, each lr at each; [] = not swept
+    stack_lrs: bool = False  # train a cell's lrs (x seeds) as one stacked model in one process (lab/stacked.py); grid
     variants: dict[str, Any] = field(default_factory=dict)  # name -> {run key: value}
     space: dict[str, Any] = field(default_factory=dict)  # run key -> list | {values, when} | {type, low, high, ...}
     workers: int = 1  # worker processes on this host
@@ -197,8 +201,9 @@ class FixedTrial:
 
 
 def cell_key(overrides: dict[str, Any], with_lr: bool = False) -> str:
-    """A cell is a run up to its learning rate: the Zoology protocol scores it by its best lr."""
-    items = {k: v for k, v in overrides.items() if with_lr or k != LR_KEY}
+    """A cell is a run up to its learning rate and seed: the Zoology protocol scores it by its best lr (an lr by
+    its mean over seeds). with_lr: the run's own key (lr and seed included)."""
+    items = {k: v for k, v in overrides.items() if with_lr or k not in MEMBER_AXES}
     return yaml.safe_dump(items, sort_keys=True, default_flow_style=True).strip()
 
 
@@ -297,8 +302,13 @@ def _validate(cfg: SweepConfig) -> None:
         raise LabError("sweep.space: empty search space (give sweep.space, sweep.variants or sweep.lrs)")
     if cfg.lrs and LR_KEY in cfg.space:
         raise LabError(f"sweep.space.{LR_KEY}: also set by sweep.lrs; use one of them (sweep.lrs=[] to search lr)")
-    if cfg.stack_lrs and (cfg.sampler != "grid" or len(cfg.lrs) < 2):
-        raise LabError("sweep.stack_lrs=true: stacks a grid cell's learning rates; needs sampler grid and 2+ sweep.lrs")
+    if cfg.stack_lrs and (cfg.sampler != "grid" or len(cfg.lrs) * max(1, len(cfg.seeds)) < 2):
+        raise LabError("sweep.stack_lrs=true: stacks a grid cell's learning rates (x seeds); needs sampler grid and "
+                       "2+ runs a cell from sweep.lrs and sweep.seeds")
+    if SEED_KEY in cfg.space:
+        raise LabError(f"sweep.space.{SEED_KEY}: give init seeds as sweep.seeds (each lr at each seed)")
+    if len(set(cfg.seeds)) != len(cfg.seeds) or any(not isinstance(x, int) or x < 0 for x in cfg.seeds):
+        raise LabError(f"sweep.seeds={cfg.seeds}: distinct integers >= 0, e.g. [0, 1, 2]")
     if any(lr <= 0 for lr in cfg.lrs):
         raise LabError(f"sweep.lrs={cfg.lrs}: learning rates must be > 0")
     for name, overrides in cfg.variants.items():
@@ -327,6 +337,8 @@ def _axes(cfg: SweepConfig) -> list[Axis]:
         axes.append(_axis(key, spec, cfg.sampler))
     if cfg.lrs:
         axes.append(Axis(LR_KEY, values=[float(lr) for lr in cfg.lrs]))
+    if cfg.seeds:
+        axes.append(Axis(SEED_KEY, values=list(cfg.seeds)))
     _check_conditions(axes)
     return axes
 

@@ -1,10 +1,12 @@
-"""`sweep.stack_lrs`: a worker takes one grid cell and trains all its learning rates as one stacked model.
+"""`sweep.stack_lrs`: a worker takes one grid cell and trains all its learning rates (times its `sweep.seeds`, if
+any) as one stacked model.
 
-The first trial comes from the sampler as usual; the cell's other lrs become trials of their own, created
+The first trial comes from the sampler as usual; the cell's other runs become trials of their own, created
 RUNNING by this worker (so no other worker takes them), each reported, pruned and recorded like a trial
 trained alone. The stacked training itself is `lab.stacked.train_stacked`.
 """
 
+import itertools
 import threading
 import traceback
 
@@ -16,7 +18,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lab.errors import LabError
 from lab.stacked import train_stacked
-from sweeps.spec import LR_KEY, Sweep
+from sweeps.spec import LR_KEY, MEMBER_AXES, SEED_KEY, Sweep
 from sweeps.worker import describe_trial, pruning_monitor, record_summary, trial_run, yield_to_older_twin
 
 
@@ -30,10 +32,8 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
         _tell(study, first, state=TrialState.PRUNED)
         return
     members.append((first, overrides))
-    for lr in sweep.cfg.lrs:
-        if lr == overrides[LR_KEY]:
-            continue
-        sibling = _new_running_trial(study, first, {**first.params, LR_KEY: lr})
+    for point in _other_members(sweep, overrides):
+        sibling = _new_running_trial(study, first, {**first.params, **point})
         sibling_overrides, owner = describe_trial(sibling, sweep)
         if owner is not None:  # trained or being trained elsewhere (the older trial of a run trains)
             sibling.set_user_attr("duplicate_of", owner.number)
@@ -44,9 +44,10 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
     runs = [trial_run(sweep, trial.number, member_overrides, threads) for trial, member_overrides in members]
     monitor = pruning_monitor(sweep)
     hooks = [_prune_hook(trial, monitor) for trial, _ in members]
-    lrs = ", ".join(f"{o[LR_KEY]:g}" for _, o in members)
-    print(f"trials {', '.join(str(t.number) for t, _ in members)}: {sweep.describe(overrides)} "
-          f"at lr {lrs}, stacked", flush=True)
+    labels = ", ".join(" ".join(f"{key.rsplit('.', 1)[-1]} {o[key]:g}" for key in MEMBER_AXES if key in o)
+                       for _, o in members)
+    print(f"trials {', '.join(str(t.number) for t, _ in members)}: {sweep.describe({k: v for k, v in overrides.items() if k not in MEMBER_AXES})} "
+          f"at {labels}, stacked", flush=True)
     beat = _Heartbeat(study._storage, [trial._trial_id for trial, _ in members], sweep.cfg.heartbeat_interval)
     try:
         summaries = train_stacked(runs, hooks)
@@ -88,6 +89,14 @@ def _tell(study: optuna.Study, trial: Trial, value: float | None = None, state: 
             raise
 
 
+def _other_members(sweep: Sweep, overrides: dict) -> list[dict]:
+    """The cell's other runs as {lr, model_seed} points: each lr at each seed, but the first trial's."""
+    axes = {key: values for key, values in ((LR_KEY, [float(lr) for lr in sweep.cfg.lrs]),
+                                           (SEED_KEY, list(sweep.cfg.seeds))) if values}
+    points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    return [point for point in points if any(point[key] != overrides[key] for key in point)]
+
+
 def _new_running_trial(study: optuna.Study, first: Trial, params: dict) -> Trial:
     """A RUNNING trial of this worker with these params; a grid sampler counts its grid point as taken."""
     system_attrs = {}
@@ -98,7 +107,9 @@ def _new_running_trial(study: optuna.Study, first: Trial, params: dict) -> Trial
         # it, the sampler would hand this point out again, to be skipped as a duplicate. The first trial's
         # point also holds the axes its cell leaves inactive, which `params` lacks.
         point = list(sampler._all_grids[first_attrs["grid_id"]])
-        point[sampler._param_names.index(LR_KEY)] = params[LR_KEY]
+        for key in MEMBER_AXES:
+            if key in sampler._param_names:
+                point[sampler._param_names.index(key)] = params[key]
         system_attrs = {"search_space": first_attrs["search_space"],
                         "grid_id": sampler._all_grids.index(tuple(point))}
     distributions = {name: first.distributions.get(name) or CategoricalDistribution([value])

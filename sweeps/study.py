@@ -87,6 +87,8 @@ def identity(sweep: Sweep) -> str:
     # where a host writes its runs is no part of the experiment: hosts sharing a study may differ in it
     run = {k: v for k, v in sweep.run.items() if k != "runs_dir"}
     data = {"sweep": {k: getattr(sweep.cfg, k) for k in IDENTITY_KEYS}, "run": run}
+    if sweep.cfg.seeds:  # only when set: studies made before sweep.seeds existed keep their identity
+        data["sweep"]["seeds"] = list(sweep.cfg.seeds)
     return yaml.safe_dump(data, sort_keys=True)
 
 

@@ -51,12 +51,14 @@ def test_every_mixer_stacks_under_bf16_autocast(name, single_thread):
     assert torch.isfinite(out.float()).all() and all(torch.isfinite(p.grad).all() for p in params.values())
 
 
-def test_stack_trains_each_member_as_lab_train_does(tmp_path, single_thread):
+@pytest.mark.parametrize("model_seeds", [None, [1, 2]])  # [1, 2]: sweep.seeds' members, same batches
+def test_stack_trains_each_member_as_lab_train_does(tmp_path, single_thread, model_seeds):
     lrs = [3e-3, 1e-2]
-    alone = [train(load_config([], TINY + [f"trainer.lr={lr}", f"runs_dir={tmp_path}", f"run_name=alone{i}"]))
-             for i, lr in enumerate(lrs)]
-    stacked = train_stacked([load_config([], TINY + [f"trainer.lr={lr}", f"runs_dir={tmp_path}", f"run_name=st{i}"])
-                             for i, lr in enumerate(lrs)])
+    member = [[f"trainer.lr={lr}"] + ([f"model_seed={model_seeds[i]}"] if model_seeds else []) for i, lr in enumerate(lrs)]
+    alone = [train(load_config([], TINY + member[i] + [f"runs_dir={tmp_path}", f"run_name=alone{i}"]))
+             for i in range(len(lrs))]
+    stacked = train_stacked([load_config([], TINY + member[i] + [f"runs_dir={tmp_path}", f"run_name=st{i}"])
+                             for i in range(len(lrs))])
     for one, member in zip(alone, stacked, strict=True):
         assert member["steps"] == one["steps"] == 12 and member["best_step"] == one["best_step"]
         assert member["final"]["val/acc"] == one["final"]["val/acc"]
@@ -102,6 +104,41 @@ def test_sweep_stacks_each_cells_lrs(tmp_path):
     assert len(groups) == 2 and all(len(g) == 3 for g in groups)  # each cell's three lrs in one stack
     assert len({t.user_attrs["run_key"] for t in complete}) == 6
     assert all(t.user_attrs["steps"] == TINY_RUN["trainer"]["max_steps"] for t in complete)
+
+
+def test_model_seed_sets_the_weights_not_the_batches(tmp_path):
+    from lab.train import init_model
+
+    runs = {seed: load_config([], TINY + [f"model_seed={seed}"]) for seed in (1, 2)}
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    first = init_model(runs[1], 64).state_dict()
+    assert torch.equal(torch.get_rng_state(), rng)  # the batch order, drawn later, is the same for every seed
+    again, other = init_model(runs[1], 64).state_dict(), init_model(runs[2], 64).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    mixed = [load_config([], TINY + [f"runs_dir={tmp_path}", "run_name=a", "model_seed=1"]),
+             load_config([], TINY + [f"runs_dir={tmp_path}", "run_name=b"])]
+    with pytest.raises(LabError, match="model_seed on every member or on none"):
+        train_stacked(mixed)
+
+
+def test_sweep_stacks_each_cells_lrs_and_seeds(tmp_path):
+    import csv
+
+    config = write_sweep(tmp_path, {"study": "seeds", "lrs": [1e-3, 1e-2], "seeds": [0, 1], "stack_lrs": True})
+    summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"], workers=1)
+    assert summary["counts"]["complete"] == 4 and summary["counts"]["failed"] == 0, summary
+    complete = by_state(trials_of(tmp_path, "seeds"), TrialState.COMPLETE)
+    assert {len(t.user_attrs["stacked_with"]) for t in complete} == {4}  # the cell's 2 lrs x 2 seeds, one stack
+    assert sorted((t.params["trainer.lr"], t.params["model_seed"]) for t in complete) == [
+        (1e-3, 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)]
+    with open(tmp_path / "runs" / "seeds" / "report" / "cells.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    best_lr = [t for t in complete if t.params["trainer.lr"] == float(row["lr"])]
+    assert row["seeds"] == "2" and float(row["best_val_acc"]) == pytest.approx(
+        sum(t.value for t in best_lr) / 2, abs=1e-4)  # an lr's score: the mean over its seeds
+    assert float(row["best_val_acc_std"]) >= 0
 
 
 def test_stack_lrs_needs_a_grid_with_lrs(tmp_path, capsys):

@@ -166,6 +166,8 @@ def test_tpe_study_prunes(tmp_path):
     ({"study": "x", "space": {"model.widht": [16, 32]}}, "unknown config key 'model.widht'"),
     ({"study": "x", "variants": {"g": {"model.name": "gka", "model.num_iter": -1}}}, "model.num_iter=-1"),
     ({"study": "a/b"}, "plain non-empty name"),
+    ({"study": "x", "seeds": [0, 0]}, "sweep.seeds=[0, 0]: distinct integers >= 0"),
+    ({"study": "x", "space": {"model_seed": [0, 1]}}, "give init seeds as sweep.seeds"),
 ])
 def test_bad_sweep_rejected_before_any_trial(tmp_path, capsys, sweep, message):
     config = write_sweep(tmp_path, sweep)
