@@ -187,14 +187,23 @@ def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict]) -> str:
 
 def mad_section(runs: list[dict]) -> str:
     """MAD scores per model when the runs cover a MAD difficulty grid (tasks.mad.MAD_GRIDS): per setting the best
-    accuracy over everything else swept (lr, weight decay), per task the mean over settings, then the mean."""
+    accuracy over everything else swept (lr, weight decay; a run's init seeds count as one run, their mean), per
+    task the mean over settings, then the mean."""
     from lab.config import flatten
     from tasks.mad import MAD_GRIDS, mad_scores
 
-    by_model = defaultdict(list)
-    for run in runs:
+    seeds_of = defaultdict(list)  # one run, or a run's init seeds (sweep.seeds: the same config but model_seed)
+    for index, run in enumerate(runs):
         if run["config"] and run.get("best_val_acc") is not None:
-            by_model[run["config"]["model"]["name"]].append((flatten(run["config"]), run["best_val_acc"]))
+            flat = flatten(run["config"])
+            own = {"model_seed", "run_name", "experiment", "runs_dir", "overwrite"}
+            key = index if run["config"].get("model_seed") is None else repr(
+                sorted((k, v) for k, v in flat.items() if k not in own))
+            seeds_of[key].append((flat, run["best_val_acc"]))
+    by_model = defaultdict(list)
+    for seeds in seeds_of.values():
+        flat = seeds[0][0]
+        by_model[flat["model.name"]].append((flat, statistics.fmean(acc for _, acc in seeds)))
     scores = {model: mad_scores(pairs) for model, pairs in by_model.items()}
     scores = {model: s for model, s in scores.items() if s}
     if not scores:

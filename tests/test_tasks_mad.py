@@ -277,3 +277,5 @@ def test_report_mad_section_scores_complete_tasks_only():
     expected = 100 * (0.9 + 0.5 * (len(memorization) - 1)) / len(memorization)
     assert f"| attention | {expected:.1f} | {expected:.1f} |" in text and "compression" not in text
     assert mad_section([run(memorization[0], 0.5)]) == ""
+    seeded = [run({**s, "model_seed": seed}, acc) for s in memorization for seed, acc in ((0, 0.3), (1, 0.7))]
+    assert "| attention | 50.0 | 50.0 |" in mad_section(seeded)  # sweep.seeds: a run's seeds score their mean
