@@ -16,7 +16,7 @@ USAGE_EXAMPLES = """examples:
   lab report demo
   lab solvers seq_len=512 batch=2
   lab tb
-  lab bench ops | lab bench mixers | lab bench kernels (GPU)"""
+  lab bench ops | lab bench mixers | lab bench kernels (GPU) | lab bench sweep | lab bench step"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,11 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks: ops (GKA op backends, CPU), mixers (training tokens/s), "
                                               "kernels (Triton GKA vs SDPA and the torch path, GPU)")
-    bench.add_argument("what", choices=["ops", "mixers", "kernels", "sweep"])
+    bench.add_argument("what", choices=["ops", "mixers", "kernels", "sweep", "step"])
     bench.add_argument("--out", default=None, help="write the rows as JSON here")
     bench.add_argument("settings", nargs="*", metavar="key=value",
-                       help="sweep only: sweep=FILE steps=N members=4,8 processes=2,4 process_stack=4 compile=true "
-                            "and cell keys (variant=gka model.d_model=64 task.seq_len=128 ...)")
+                       help="sweep: sweep=FILE steps=N members=4,8 processes=2,4 process_stack=4 compile=true "
+                            "and cell keys (variant=gka model.d_model=64 task.seq_len=128 ...); step: sweep=FILE "
+                            "steps=N warmup=N compile=true and cell keys")
     bench.set_defaults(handler=cmd_bench)
     return parser
 
@@ -313,6 +314,37 @@ def bench_sweep_command(settings: list[str]) -> list[dict]:
     return rows
 
 
+def bench_step_command(settings: list[str]) -> dict:
+    """`lab bench step`: a profile of one sweep cell's training step (lab/bench_step.py)."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from lab.bench_step import markdown, profile_step
+    from lab.bench_sweep import DEFAULT_CELL, DEFAULT_SWEEP, LRS, cell_config
+    from lab.config import parse_overrides
+    from sweeps.spec import flat
+
+    values = flat(OmegaConf.to_container(parse_overrides(settings)))
+    counts = {}
+    for key, default in (("steps", 10), ("warmup", 5)):
+        value = values.pop(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LabError(f"{key}={value}: a whole number >= 1")
+        counts[key] = value
+    compiled = values.pop("compile", False)
+    if not isinstance(compiled, bool):
+        raise LabError(f"compile={compiled}: true or false")
+    sweep_file = str(values.pop("sweep", DEFAULT_SWEEP))
+    cell = {**DEFAULT_CELL, **values, "trainer.compile": compiled}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = cell_config(sweep_file, cell, LRS[0], "step", tmp, counts["warmup"] + counts["steps"])
+        console().print(f"profiling {counts['steps']} steps of {cell} after {counts['warmup']}")
+        result = profile_step(run, steps=counts["steps"], warmup=counts["warmup"])
+    console().print(markdown(result))
+    return result
+
+
 def markdown_rows(rows: list[dict]) -> str:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -339,6 +371,8 @@ def cmd_bench(args) -> int:
         return 0
     if args.what == "sweep":
         rows = bench_sweep_command(args.settings)
+    elif args.what == "step":
+        rows = bench_step_command(args.settings)
     elif args.settings:
         raise LabError(f"lab bench {args.what} takes no key=value settings")
     else:

@@ -167,6 +167,21 @@ def test_lab_bench_sweep_runs_every_variant(tmp_path, capsys):
     assert "every number must be >= 1" in capsys.readouterr().err
 
 
+def test_lab_bench_step_profiles_a_cells_step(tmp_path, capsys):
+    from lab.cli import main
+
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "steps=2", "warmup=1", "model.d_model=16", "task.seq_len=32", "task.num_kv_pairs=2",
+                 "data.num_test=64", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.num_threads=1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["steps"] == 2 and result["wall_ms"] > 0 and result["gpu_busy_ms"] is None  # no GPU here
+    assert any(row["op"] == "aten::mm" and row["calls"] >= 1 for row in result["top"])
+    assert "per step, over 2 profiled steps" in capsys.readouterr().out
+    assert main(["bench", "step", "warmup=0"]) == 2
+    assert "warmup=0: a whole number >= 1" in capsys.readouterr().err
+
+
 def test_compiled_training_matches_eager(tmp_path, single_thread):
     """trainer.compile=true in `lab train` trains as eager does (a wrong fused kernel: a different loss)."""
     runs = [load_config([], TINY + [f"runs_dir={tmp_path}", f"run_name=r{compiled}", f"trainer.compile={compiled}"])

@@ -1,0 +1,75 @@
+"""`lab bench step`: where a training step of one sweep cell spends its time (torch.profiler).
+
+The cell's run (as `lab bench sweep` builds it) trains through `lab train`'s own path (Lightning), and a
+callback profiles `steps` steps after `warmup` (start-up, CUDA context, compiles left out). Per step: the wall
+time, how long the GPU was busy (its kernels' and copies' summed time; no GPU: n/a), how many it ran, and the ops that
+took the most device time (CPU time without a GPU). A step whose wall time far exceeds its busy time is bound by
+launches and syncs, not by the GPU's work.
+"""
+
+import time
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from lab.config import RunConfig
+from lab.errors import LabError
+
+
+class _ProfileSteps(Callback):
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps = warmup, steps
+        self.profiler = None
+        self.seconds = 0.0
+
+    def _sync(self, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.profiler is None:
+            self._sync(pl_module)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pl_module.device.type == "cuda" else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.start()
+            self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.profiler is not None and not self.seconds and trainer.global_step == self.warmup + self.steps:
+            self._sync(pl_module)
+            self.seconds = time.perf_counter() - self.started
+            self.profiler.stop()
+
+
+def profile_step(run: RunConfig, steps: int = 10, warmup: int = 5, top: int = 12) -> dict:
+    """Profile `steps` training steps of `run` after `warmup` steps (the run must have warmup + steps)."""
+    from lab.train import train
+
+    probe = _ProfileSteps(warmup, steps)
+    train(run, callbacks=[probe])
+    if not probe.seconds:
+        raise LabError(f"lab bench step: the run stopped before step {warmup + steps}")
+    on_gpu = any(e.device_type == DeviceType.CUDA for e in probe.profiler.events())
+    kernels = [e for e in probe.profiler.events() if e.device_type == DeviceType.CUDA]
+    by_op = probe.profiler.key_averages()
+    own_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    ops = sorted((e for e in by_op if own_time(e) > 0), key=own_time, reverse=True)[:top]
+    return {
+        "steps": steps,
+        "wall_ms": 1e3 * probe.seconds / steps,
+        "gpu_busy_ms": sum(e.device_time for e in kernels) / 1e3 / steps if on_gpu else None,
+        "kernels": len(kernels) / steps if on_gpu else None,
+        "top": [{"op": e.key, "ms": own_time(e) / 1e3 / steps, "calls": e.count / steps} for e in ops],
+    }
+
+
+def markdown(result: dict) -> str:
+    busy = result["gpu_busy_ms"]
+    lines = [f"per step, over {result['steps']} profiled steps: wall {result['wall_ms']:.2f} ms"
+             + (f", GPU busy {busy:.2f} ms ({100 * busy / result['wall_ms']:.0f}%), {result['kernels']:.0f} kernels and copies"
+                if busy is not None else " (no GPU: CPU op times below)"),
+             "", "| op | ms a step | calls a step |", "|---|---|---|"]
+    lines += [f"| {row['op'][:70]} | {row['ms']:.3f} | {row['calls']:.1f} |" for row in result["top"]]
+    return "\n".join(lines)
