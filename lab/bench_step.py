@@ -59,7 +59,7 @@ def profile_step(run: RunConfig, steps: int = 10, warmup: int = 5, top: int = 12
     return {
         "steps": steps,
         "wall_ms": 1e3 * probe.seconds / steps,
-        "gpu_busy_ms": sum(e.device_time for e in kernels) / 1e3 / steps if on_gpu else None,
+        "gpu_busy_ms": sum(e.device_time_total for e in kernels) / 1e3 / steps if on_gpu else None,
         "kernels": len(kernels) / steps if on_gpu else None,
         "top": [{"op": e.key, "ms": own_time(e) / 1e3 / steps, "calls": e.count / steps} for e in ops],
     }
