@@ -22,6 +22,7 @@ class _ProfileSteps(Callback):
     def __init__(self, warmup: int, steps: int):
         self.warmup, self.steps = warmup, steps
         self.profiler = None
+        self.started = 0.0
         self.seconds = 0.0
 
     def _sync(self, pl_module) -> None:
@@ -51,8 +52,8 @@ def profile_step(run: RunConfig, steps: int = 10, warmup: int = 5, top: int = 12
     train(run, callbacks=[probe])
     if not probe.seconds:
         raise LabError(f"lab bench step: the run stopped before step {warmup + steps}")
-    on_gpu = any(e.device_type == DeviceType.CUDA for e in probe.profiler.events())
-    kernels = [e for e in probe.profiler.events() if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in probe.profiler.events() if e.device_type == DeviceType.CUDA]  # and copies
+    on_gpu = bool(kernels)
     by_op = probe.profiler.key_averages()
     own_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
     ops = sorted((e for e in by_op if own_time(e) > 0), key=own_time, reverse=True)[:top]

@@ -280,13 +280,9 @@ def cmd_tb(args) -> int:
 
 
 def bench_sweep_command(settings: list[str]) -> list[dict]:
-    from omegaconf import OmegaConf
+    from lab.bench_sweep import bench_sweep
 
-    from lab.bench_sweep import DEFAULT_SWEEP, bench_sweep
-    from lab.config import parse_overrides
-    from sweeps.spec import flat
-
-    values = flat(OmegaConf.to_container(parse_overrides(settings)))
+    values, sweep_file, compile_too = _cell_settings(settings)
 
     def numbers(key: str, default: tuple[int, ...], low: int = 1) -> tuple[int, ...]:
         value = values.pop(key, None)
@@ -301,11 +297,7 @@ def bench_sweep_command(settings: list[str]) -> list[dict]:
             raise LabError(f"{key}={value}: every number must be >= {low}")
         return tuple(n for n in parsed if n)  # processes=0: no multi-process variant
 
-    sweep_file = str(values.pop("sweep", DEFAULT_SWEEP))
     (steps,) = numbers("steps", (200,))
-    compile_too = values.pop("compile", False)
-    if not isinstance(compile_too, bool):
-        raise LabError(f"compile={compile_too}: true or false")
     (process_stack,) = numbers("process_stack", (1,))
     rows = bench_sweep(sweep_file, cell=values, steps=steps, members=numbers("members", (4,)),
                        process_counts=numbers("processes", (2, 4), low=0), compile_too=compile_too,
@@ -314,28 +306,36 @@ def bench_sweep_command(settings: list[str]) -> list[dict]:
     return rows
 
 
-def bench_step_command(settings: list[str]) -> dict:
-    """`lab bench step`: a profile of one sweep cell's training step (lab/bench_step.py)."""
-    import tempfile
-
+def _cell_settings(settings: list[str]) -> tuple[dict, str, bool]:
+    """lab bench sweep / step `key=value` settings as flat keys, less `sweep=FILE` and `compile=true|false`,
+    which come back beside them."""
     from omegaconf import OmegaConf
 
-    from lab.bench_step import markdown, profile_step
-    from lab.bench_sweep import DEFAULT_CELL, DEFAULT_SWEEP, LRS, cell_config
+    from lab.bench_sweep import DEFAULT_SWEEP
     from lab.config import parse_overrides
     from sweeps.spec import flat
 
     values = flat(OmegaConf.to_container(parse_overrides(settings)))
+    compiled = values.pop("compile", False)
+    if not isinstance(compiled, bool):
+        raise LabError(f"compile={compiled}: true or false")
+    return values, str(values.pop("sweep", DEFAULT_SWEEP)), compiled
+
+
+def bench_step_command(settings: list[str]) -> dict:
+    """`lab bench step`: a profile of one sweep cell's training step (lab/bench_step.py)."""
+    import tempfile
+
+    from lab.bench_step import markdown, profile_step
+    from lab.bench_sweep import DEFAULT_CELL, LRS, cell_config
+
+    values, sweep_file, compiled = _cell_settings(settings)
     counts = {}
     for key, default in (("steps", 10), ("warmup", 5)):
         value = values.pop(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise LabError(f"{key}={value}: a whole number >= 1")
         counts[key] = value
-    compiled = values.pop("compile", False)
-    if not isinstance(compiled, bool):
-        raise LabError(f"compile={compiled}: true or false")
-    sweep_file = str(values.pop("sweep", DEFAULT_SWEEP))
     cell = {**DEFAULT_CELL, **values, "trainer.compile": compiled}
     with tempfile.TemporaryDirectory() as tmp:
         run = cell_config(sweep_file, cell, LRS[0], "step", tmp, counts["warmup"] + counts["steps"])

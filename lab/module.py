@@ -24,6 +24,20 @@ def compile_fresh(fn):
     return torch.compile(fn)
 
 
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask [B, T], flat_index [N], targets [N]) of a batch's labelled positions, found on the CPU before the batch
+    moves: boolean indexing on the GPU (nonzero) would make the CPU wait for the step before instead of queueing
+    the next one."""
+    mask = labels != IGNORE
+    return mask, mask.flatten().nonzero().squeeze(1), labels[mask]
+
+
+def supervised_logits(model: LanguageModel, inputs: torch.Tensor, flat_index: torch.Tensor, hidden_states=None):
+    """Logits only where a label exists: MQAR supervises N of L positions, so the LM head stays cheap."""
+    hidden = (hidden_states or model.hidden_states)(inputs)
+    return model.lm_head(hidden.flatten(0, 1)[flat_index])
+
+
 class LabModule(L.LightningModule):
     def __init__(self, run: RunConfig, model: LanguageModel, test_slice_names: list[str]):
         super().__init__()
@@ -38,21 +52,13 @@ class LabModule(L.LightningModule):
         self.train_hidden_states = compile_fresh(model.hidden_states) if run.trainer.compile else model.hidden_states
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
-        """(inputs, mask, flat_index, targets, slice_ids): the supervised positions found here, on the CPU.
-        Boolean indexing on the GPU (nonzero) would make the CPU wait for the step before instead of queueing
-        the next one."""
+        """(inputs, mask, flat_index, targets, slice_ids): the supervised positions found here, on the CPU."""
         inputs, labels, slice_ids = batch
-        mask = labels != IGNORE
-        return inputs, mask, mask.flatten().nonzero().squeeze(1), labels[mask], slice_ids
-
-    def supervised_logits(self, inputs: torch.Tensor, flat_index: torch.Tensor, hidden_states=None):
-        """Logits only where a label exists: MQAR supervises N of L positions, so the LM head stays cheap."""
-        hidden = (hidden_states or self.model.hidden_states)(inputs)
-        return self.model.lm_head(hidden.flatten(0, 1)[flat_index])
+        return inputs, *supervised_positions(labels), slice_ids
 
     def training_step(self, batch, batch_idx):
         inputs, _, flat_index, targets, _ = batch
-        logits = self.supervised_logits(inputs, flat_index, self.train_hidden_states)
+        logits = supervised_logits(self.model, inputs, flat_index, self.train_hidden_states)
         loss = F.cross_entropy(logits.float(), targets)
         # checked at logging steps only: the check syncs with a GPU, and NaN weights stay NaN until then
         if self.global_step % self.run.trainer.log_every_n_steps == 0 and not torch.isfinite(loss):
@@ -69,7 +75,7 @@ class LabModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         inputs, mask, flat_index, targets, slice_ids = batch
-        logits = self.supervised_logits(inputs, flat_index)
+        logits = supervised_logits(self.model, inputs, flat_index)
         self._val_sums.index_add_(0, slice_ids, example_stats(logits, targets, mask))
 
     def on_validation_epoch_end(self):

@@ -22,9 +22,9 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from lab.config import RunConfig, flatten, to_dict
-from lab.data import IGNORE, TaskDataModule
+from lab.data import TaskDataModule
 from lab.errors import LabError
-from lab.module import compile_fresh, example_stats, lr_schedule
+from lab.module import compile_fresh, example_stats, lr_schedule, supervised_logits, supervised_positions
 from lab.train import StepTimer, check_gpu_present, init_model, quiet_lightning, run_directory, write_summary
 
 # Keys members may differ in; everything else must match (one architecture, one data stream).
@@ -43,8 +43,7 @@ class _Supervised(nn.Module):
         self.model = model
 
     def forward(self, inputs: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.hidden_states(inputs)
-        return self.model.lm_head(hidden.flatten(0, 1)[flat_index])
+        return supervised_logits(self.model, inputs, flat_index)
 
 
 @dataclass
@@ -178,9 +177,8 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
 
     def member_logits(inputs, labels, logits_fn=logits_of):
         """Logits [M, N, vocab] at the batch's N labelled positions, their targets and the [B, T] mask (on the
-        CPU). The positions are found on the CPU: nonzero() on the GPU would wait for the step before."""
-        mask = labels != IGNORE
-        index, targets = mask.flatten().nonzero().squeeze(1), labels[mask]
+        CPU, where the positions are found)."""
+        mask, index, targets = supervised_positions(labels)
         inputs, index, targets = (t.to(device, non_blocking=True) for t in (inputs, index, targets))
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             return logits_fn(params, buffers, inputs, index), targets, mask

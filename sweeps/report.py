@@ -192,11 +192,11 @@ def mad_section(runs: list[dict]) -> str:
     from lab.config import flatten
     from tasks.mad import MAD_GRIDS, mad_scores
 
+    own = {"model_seed", "run_name", "experiment", "runs_dir", "overwrite"}  # keys a run's seeds differ in
     seeds_of = defaultdict(list)  # one run, or a run's init seeds (sweep.seeds: the same config but model_seed)
     for index, run in enumerate(runs):
         if run["config"] and run.get("best_val_acc") is not None:
             flat = flatten(run["config"])
-            own = {"model_seed", "run_name", "experiment", "runs_dir", "overwrite"}
             key = index if run["config"].get("model_seed") is None else repr(
                 sorted((k, v) for k, v in flat.items() if k not in own))
             seeds_of[key].append((flat, run["best_val_acc"]))

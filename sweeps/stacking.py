@@ -44,10 +44,10 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
     runs = [trial_run(sweep, trial.number, member_overrides, threads) for trial, member_overrides in members]
     monitor = pruning_monitor(sweep)
     hooks = [_prune_hook(trial, monitor) for trial, _ in members]
+    cell = sweep.describe({k: v for k, v in overrides.items() if k not in MEMBER_AXES})
     labels = ", ".join(" ".join(f"{key.rsplit('.', 1)[-1]} {o[key]:g}" for key in MEMBER_AXES if key in o)
                        for _, o in members)
-    print(f"trials {', '.join(str(t.number) for t, _ in members)}: {sweep.describe({k: v for k, v in overrides.items() if k not in MEMBER_AXES})} "
-          f"at {labels}, stacked", flush=True)
+    print(f"trials {', '.join(str(t.number) for t, _ in members)}: {cell} at {labels}, stacked", flush=True)
     beat = _Heartbeat(study._storage, [trial._trial_id for trial, _ in members], sweep.cfg.heartbeat_interval)
     try:
         summaries = train_stacked(runs, hooks)
