@@ -52,25 +52,42 @@ def profile_step(run: RunConfig, steps: int = 10, warmup: int = 5, top: int = 12
     train(run, callbacks=[probe])
     if not probe.seconds:
         raise LabError(f"lab bench step: the run stopped before step {warmup + steps}")
-    kernels = [e for e in probe.profiler.events() if e.device_type == DeviceType.CUDA]  # and copies
+    # Kernels and copies only: a record_function range (Lightning's optimizer step wraps the whole closure,
+    # forward and backward) is a device event too and would count that span a second time.
+    kernels = [e for e in probe.profiler.events()
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     on_gpu = bool(kernels)
-    by_op = probe.profiler.key_averages()
+    by_kernel: dict[str, list[float]] = {}
+    for e in kernels:
+        by_kernel.setdefault(e.name, []).append(e.device_time_total)
+    top_kernels = sorted(by_kernel.items(), key=lambda item: sum(item[1]), reverse=True)[:top]
+    # ops by the time of the kernels they launched themselves (with no GPU: their own CPU time)
     own_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
-    ops = sorted((e for e in by_op if own_time(e) > 0), key=own_time, reverse=True)[:top]
+    ops = [e for e in probe.profiler.key_averages()
+           if own_time(e) > 0 and not getattr(e, "is_user_annotation", False) and e.device_type == DeviceType.CPU]
+    ops = sorted(ops, key=own_time, reverse=True)[:top]
     return {
         "steps": steps,
         "wall_ms": 1e3 * probe.seconds / steps,
         "gpu_busy_ms": sum(e.device_time_total for e in kernels) / 1e3 / steps if on_gpu else None,
         "kernels": len(kernels) / steps if on_gpu else None,
         "top": [{"op": e.key, "ms": own_time(e) / 1e3 / steps, "calls": e.count / steps} for e in ops],
+        "top_kernels": [{"kernel": name, "ms": sum(times) / 1e3 / steps, "calls": len(times) / steps}
+                        for name, times in top_kernels],
     }
 
 
 def markdown(result: dict) -> str:
     busy = result["gpu_busy_ms"]
-    lines = [f"per step, over {result['steps']} profiled steps: wall {result['wall_ms']:.2f} ms"
-             + (f", GPU busy {busy:.2f} ms ({100 * busy / result['wall_ms']:.0f}%), {result['kernels']:.0f} kernels and copies"
-                if busy is not None else " (no GPU: CPU op times below)"),
-             "", "| op | ms a step | calls a step |", "|---|---|---|"]
+    head = f"per step, over {result['steps']} profiled steps (under the profiler): wall {result['wall_ms']:.2f} ms"
+    if busy is not None:
+        head += f", GPU busy {busy:.2f} ms ({100 * busy / result['wall_ms']:.0f}%), {result['kernels']:.0f} kernels and copies"
+    else:
+        head += " (no GPU: CPU op times below)"
+    what = "ms of its kernels" if busy is not None else "ms of CPU"
+    lines = [head, "", f"| op | {what} a step | calls a step |", "|---|---|---|"]
     lines += [f"| {row['op'][:70]} | {row['ms']:.3f} | {row['calls']:.1f} |" for row in result["top"]]
+    if result["top_kernels"]:
+        lines += ["", "| kernel | ms a step | launches a step |", "|---|---|---|"]
+        lines += [f"| {row['kernel'][:90]} | {row['ms']:.3f} | {row['calls']:.1f} |" for row in result["top_kernels"]]
     return "\n".join(lines)

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("settings", nargs="*", metavar="key=value",
                        help="sweep: sweep=FILE steps=N members=4,8 processes=2,4 process_stack=4 compile=true "
                             "and cell keys (variant=gka model.d_model=64 task.seq_len=128 ...); step: sweep=FILE "
-                            "steps=N warmup=N compile=true and cell keys")
+                            "steps=N warmup=N top=N compile=true and cell keys")
     bench.set_defaults(handler=cmd_bench)
     return parser
 
@@ -331,7 +331,7 @@ def bench_step_command(settings: list[str]) -> dict:
 
     values, sweep_file, compiled = _cell_settings(settings)
     counts = {}
-    for key, default in (("steps", 10), ("warmup", 5)):
+    for key, default in (("steps", 10), ("warmup", 5), ("top", 12)):
         value = values.pop(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise LabError(f"{key}={value}: a whole number >= 1")
@@ -340,7 +340,7 @@ def bench_step_command(settings: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run = cell_config(sweep_file, cell, LRS[0], "step", tmp, counts["warmup"] + counts["steps"])
         console().print(f"profiling {counts['steps']} steps of {cell} after {counts['warmup']}")
-        result = profile_step(run, steps=counts["steps"], warmup=counts["warmup"])
+        result = profile_step(run, steps=counts["steps"], warmup=counts["warmup"], top=counts["top"])
     console().print(markdown(result))
     return result
 

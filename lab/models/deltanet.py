@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.delta import BACKENDS, delta_rule
-from lab.models.common import MambaDecay, ModelConfig, ShortConv, check_choice, check_heads, check_range
+from lab.models.common import (
+    Fp32RMSNorm,
+    MambaDecay,
+    ModelConfig,
+    ShortConv,
+    check_choice,
+    check_heads,
+    check_range,
+)
 
 
 @dataclass
@@ -55,7 +63,7 @@ class DeltaNetMixer(nn.Module):
         self.rate_proj = nn.Linear(cfg.d_model, self.num_heads, bias=False)  # b_t = sigmoid(.), 0.5 at init
         self.decay = MambaDecay(cfg.d_model, self.num_heads) if cfg.gating else None
         self.out_gate_proj = nn.Linear(cfg.d_model, self.widths[2], bias=False)
-        self.out_norm = nn.RMSNorm(self.value_dim, eps=cfg.norm_eps)
+        self.out_norm = Fp32RMSNorm(self.value_dim, eps=cfg.norm_eps)
         self.o_proj = nn.Linear(self.widths[2], cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,15 @@ from torch import nn
 
 import kernels
 from kernels.gka import BACKENDS, RIDGE_MODES, SOLVERS
-from lab.models.common import MambaDecay, ModelConfig, ShortConv, check_choice, check_heads, check_range
+from lab.models.common import (
+    Fp32RMSNorm,
+    MambaDecay,
+    ModelConfig,
+    ShortConv,
+    check_choice,
+    check_heads,
+    check_range,
+)
 
 
 @dataclass
@@ -52,7 +60,7 @@ class GKAMixer(nn.Module):
         if cfg.alpha_connection:
             self.alpha_proj = nn.Linear(cfg.d_model, self.num_heads)
         self.out_gate_proj = nn.Linear(cfg.d_model, inner, bias=False)
-        self.out_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        self.out_norm = Fp32RMSNorm(self.head_dim, eps=cfg.norm_eps)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.gla import BACKENDS, gla
-from lab.models.common import ModelConfig, ShortConv, check_choice, check_heads, check_range
+from lab.models.common import Fp32RMSNorm, ModelConfig, ShortConv, check_choice, check_heads, check_range
 
 
 @dataclass
@@ -48,7 +48,7 @@ class GLAMixer(nn.Module):
         self.qkv_conv = ShortConv(sum(self.widths), cfg.conv_size) if cfg.conv_size else None
         self.gate_proj = nn.Linear(cfg.d_model, self.num_heads)
         self.out_gate_proj = nn.Linear(cfg.d_model, self.widths[2], bias=False)
-        self.out_norm = nn.RMSNorm(self.value_dim, eps=cfg.norm_eps)
+        self.out_norm = Fp32RMSNorm(self.value_dim, eps=cfg.norm_eps)
         self.o_proj = nn.Linear(self.widths[2], cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 import kernels
 from lab.errors import LabError
-from lab.models.common import ModelConfig, ShortConv, check_range, inverse_softplus
+from lab.models.common import Fp32RMSNorm, ModelConfig, ShortConv, check_range, inverse_softplus
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Mamba2Mixer(nn.Module):
         dt = torch.exp(torch.empty(self.num_heads).uniform_(math.log(1e-3), math.log(0.1)))
         self.dt_bias = nn.Parameter(inverse_softplus(dt))
         self.skip = nn.Parameter(torch.ones(self.num_heads))  # Mamba's D: a per-head residual x -> y
-        self.out_norm = nn.RMSNorm(self.d_inner, eps=cfg.norm_eps)
+        self.out_norm = Fp32RMSNorm(self.d_inner, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.mesa import BACKENDS, SOLVERS, mesa
-from lab.models.common import MambaDecay, ModelConfig, ShortConv, check_choice, check_heads, check_range
+from lab.models.common import (
+    Fp32RMSNorm,
+    MambaDecay,
+    ModelConfig,
+    ShortConv,
+    check_choice,
+    check_heads,
+    check_range,
+)
 
 
 @dataclass
@@ -65,7 +73,7 @@ class MesaNetMixer(nn.Module):
         raw = excess + math.log(-math.expm1(-excess))
         self.ridge_param = nn.Parameter(torch.full((self.num_heads, self.head_dim), raw))
         self.out_gate_proj = nn.Linear(cfg.d_model, inner, bias=False)
-        self.out_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        self.out_norm = Fp32RMSNorm(self.head_dim, eps=cfg.norm_eps)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=False)
 
     def ridge(self) -> torch.Tensor:
