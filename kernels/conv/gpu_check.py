@@ -11,13 +11,15 @@ import time
 
 import torch
 
-from . import short_conv
+from . import short_conv, triton_conv
 
 # (batch, seq_len, channels, taps, dtype): the mqar_paper GKA cell's q, k, v conv first, then awkward sizes
 CASES = [(256, 256, 384, 4, torch.bfloat16), (256, 256, 384, 4, torch.float32), (3, 1000, 130, 4, torch.float32),
          (2, 77, 50, 3, torch.float16), (4, 300, 96, 1, torch.bfloat16)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 TIMED = [(256, 256, 384, 4), (256, 256, 1536, 4), (16, 4096, 768, 4)]
+# the backward's (rows a program, warps) raced at TIMED[0]
+BWD_SETTINGS = [(64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 2), (8, 2)]
 
 
 def _rel(a, b):
@@ -76,19 +78,35 @@ def time_paths(batch, seq_len, channels, taps, dtype=torch.bfloat16):
     return row
 
 
+def race_backward():
+    """fwd+bwd ms of the triton path at TIMED[0] per backward setting (the forward's fixed)."""
+    default = triton_conv.BWD_BLOCK_T, triton_conv.BWD_WARPS
+    times = {}
+    try:
+        for block_t, warps in BWD_SETTINGS:
+            triton_conv.BWD_BLOCK_T, triton_conv.BWD_WARPS = block_t, warps
+            times[f"{block_t} rows, {warps} warps"] = time_paths(*TIMED[0])["triton_fwd_bwd"]
+    finally:
+        triton_conv.BWD_BLOCK_T, triton_conv.BWD_WARPS = default
+    return times
+
+
 def main():
     start = time.time()
     results = [check_case(*case, seed=i) for i, case in enumerate(CASES)] + [check_vmap()]
+    race = race_backward()
     times = [time_paths(*shape) for shape in TIMED]
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": time.time() - start}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "conv_gpu_check.json"), "w") as f:
-            json.dump({"meta": meta, "results": results, "times_ms": times}, f, indent=1)
+            json.dump({"meta": meta, "results": results, "times_ms": times, "backward_race_ms": race}, f, indent=1)
     print(f"# short_conv gpu_check, {meta['device']}, {meta['date']}")
     for r in results:
         errors = " ".join(f"{k}={v:.1e}" for k, v in r["errors"].items())
         print(f"{'OK ' if r['ok'] else 'BAD'} {r['check']:<9} {r['shape']:<20} {r['dtype']:<9} {errors}")
+    print(f"\nfwd+bwd ms at {TIMED[0]} by backward setting (default {triton_conv.BWD_BLOCK_T} rows, "
+          f"{triton_conv.BWD_WARPS} warps): " + ", ".join(f"{k} {v:.3f}" for k, v in race.items()))
     print("\n| shape (bf16) | torch fwd ms | triton fwd ms | torch fwd+bwd ms | triton fwd+bwd ms |")
     print("|---|---|---|---|---|")
     for t in times:

@@ -3,7 +3,7 @@
 F.conv1d wants [B, C, T]: the mixers' [B, T, C] activations go through a strided copy each way, and the
 conv, the SiLU and their backward are separate launches (an H200 profile of the GKA cell, 2026-12-04: the
 convolutions and their copies were ~2.9 ms of a 12.5 ms step). Here one kernel reads the K shifted rows of
-a [BT, BC] tile, accumulates in fp32 and applies the SiLU; the backward recomputes the pre-activation of the
+a [rows, C-block] tile, accumulates in fp32 and applies the SiLU; the backward recomputes the pre-activation of the
 K output rows each input row feeds (K*K loads of a tile the cache already holds) instead of storing it.
 
 The weight gradient is summed per (sample, time block) into an fp32 buffer and reduced in torch: no atomics,
@@ -17,7 +17,11 @@ import triton.language as tl
 
 from ..common import fold_members
 
-BLOCK_T = 64
+# (rows a program, warps) each way. The backward holds ~5 [rows, 128] fp32 tiles at once: at 64 rows and 4 warps
+# it spilled and took 0.75 ms at 256x256x384 bf16 against the forward's 0.05 (H200, 2026-12-04 21:03 UTC);
+# kernels.conv.gpu_check races the settings (module attributes, so it can set them).
+FWD_BLOCK_T, FWD_WARPS = 64, 4
+BWD_BLOCK_T, BWD_WARPS = 32, 4
 
 
 @triton.jit
@@ -91,10 +95,10 @@ def _short_conv_bwd(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, T, C, P
     tl.store(dx_ptr + sample + rows[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(x):
+def _grid(x, block_t):
     samples, seq_len, channels = x.shape
     block_c = min(128, triton.next_power_of_2(channels))
-    return (triton.cdiv(seq_len, BLOCK_T), triton.cdiv(channels, block_c), samples), block_c
+    return (triton.cdiv(seq_len, block_t), triton.cdiv(channels, block_c), samples), block_c
 
 
 class _ShortConv(torch.autograd.Function):
@@ -105,9 +109,10 @@ class _ShortConv(torch.autograd.Function):
         x, weight = x.contiguous(), weight.contiguous()
         bias = None if bias is None else bias.contiguous()
         y = torch.empty_like(x)
-        grid, block_c = _grid(x)
+        grid, block_c = _grid(x, FWD_BLOCK_T)
         _short_conv_fwd[grid](x, weight, weight if bias is None else bias, y, x.shape[1], x.shape[2], per_weight,
-                              K=weight.shape[-1], HAS_BIAS=bias is not None, BT=BLOCK_T, BC=block_c, num_warps=4)
+                              K=weight.shape[-1], HAS_BIAS=bias is not None, BT=FWD_BLOCK_T, BC=block_c,
+                              num_warps=FWD_WARPS)
         return y
 
     @staticmethod
@@ -122,14 +127,15 @@ class _ShortConv(torch.autograd.Function):
         x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
         bias = None if bias is None else bias.contiguous()
         samples, _, channels = x.shape
-        grid, block_c = _grid(x)
+        grid, block_c = _grid(x, BWD_BLOCK_T)
         t_blocks = grid[0]
         dx = torch.empty_like(x)
         dw_part = torch.empty(samples, t_blocks, channels, weight.shape[-1], device=x.device, dtype=torch.float32)
         db_part = torch.empty(samples, t_blocks, channels, device=x.device, dtype=torch.float32) if bias is not None else None
         _short_conv_bwd[grid](x, weight, weight if bias is None else bias, dy, dx, dw_part,
                               dw_part if db_part is None else db_part, x.shape[1], channels, ctx.per_weight, t_blocks,
-                              K=weight.shape[-1], HAS_BIAS=bias is not None, BT=BLOCK_T, BC=block_c, num_warps=4)
+                              K=weight.shape[-1], HAS_BIAS=bias is not None, BT=BWD_BLOCK_T, BC=block_c,
+                              num_warps=BWD_WARPS)
         groups = weight.shape[0]
         dw = dw_part.view(groups, -1, channels, weight.shape[-1]).sum(1).to(weight.dtype)
         db = None if db_part is None else db_part.view(groups, -1, channels).sum(1).to(bias.dtype)
