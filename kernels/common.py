@@ -1,6 +1,18 @@
-"""Dtype policy and argument checks shared by the ops in `kernels`."""
+"""Dtype policy, argument checks and helpers shared by the ops in `kernels`."""
+
+import os
 
 import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run through the interpreter (TRITON_INTERPRET=1: CPU tensors, ANCHORS.md)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64 (the accuracy measure of the GPU checks)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels import short_conv
+from kernels.common import rel_err
 
 
 def _inputs(batch, seq_len, channels, taps, *, seed, bias=True, dtype=torch.float64):
@@ -18,10 +19,6 @@ def _inputs(batch, seq_len, channels, taps, *, seed, bias=True, dtype=torch.floa
 
 def _grads(out, grad_out, tensors):
     return torch.autograd.grad(out, [t for t in tensors if t is not None], grad_out)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 CASES = [(2, 70, 5, 4, True), (1, 130, 33, 3, False), (3, 17, 130, 1, True), (1, 64, 16, 5, True)]
@@ -39,10 +36,10 @@ def test_matches_float64_reference(backend, batch, seq_len, channels, taps, bias
     x, w, b = (None if t is None else t.detach().float().requires_grad_() for t in (x64, w64, b64))
     got = short_conv(x, w, b, backend=backend)
     assert got.dtype == torch.float32 and got.shape == want.shape
-    assert _rel(got, want) < 1e-5
+    assert rel_err(got, want) < 1e-5
     for got_grad, want_grad in zip(_grads(got, grad_out.float(), (x, w, b)), want_grads, strict=True):
         assert got_grad.dtype == torch.float32
-        assert _rel(got_grad, want_grad) < 1e-5
+        assert rel_err(got_grad, want_grad) < 1e-5
 
 
 def test_triton_fp16():
@@ -50,12 +47,12 @@ def test_triton_fp16():
     x = x64.half().requires_grad_()
     got = short_conv(x, w64.float(), b64.float(), backend="triton")
     want = short_conv(x.double(), w64, b64, backend="reference")
-    assert got.dtype == torch.float16 and _rel(got, want) < 2e-3
+    assert got.dtype == torch.float16 and rel_err(got, want) < 2e-3
     grad_out = torch.randn_like(want)
     (dx,) = torch.autograd.grad(got, [x], grad_out.half())
     x_ref = x.detach().double().requires_grad_()
     (dx_ref,) = torch.autograd.grad(short_conv(x_ref, w64, b64, backend="reference"), [x_ref], grad_out)
-    assert dx.dtype == torch.float16 and _rel(dx, dx_ref) < 2e-3
+    assert dx.dtype == torch.float16 and rel_err(dx, dx_ref) < 2e-3
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -80,15 +77,15 @@ def test_vmap_folds_members_and_their_weights():
     leaves = [t.requires_grad_() for t in (x, w, b)]
     stacked = torch.vmap(lambda xi, wi, bi: short_conv(xi, wi, bi, backend="triton"))(x, w, b)
     one_by_one = torch.stack([short_conv(x[m], w[m], b[m], backend="reference") for m in range(members)])
-    assert _rel(stacked, one_by_one) < 1e-5
+    assert rel_err(stacked, one_by_one) < 1e-5
     grad_out = torch.randn_like(stacked)
     got = torch.autograd.grad(stacked, leaves, grad_out)
     want = torch.autograd.grad(one_by_one, leaves, grad_out)
     for got_grad, want_grad in zip(got, want, strict=True):
-        assert _rel(got_grad, want_grad) < 1e-5
+        assert rel_err(got_grad, want_grad) < 1e-5
     # an unbatched weight (shared by all members) expands to each member
     shared = torch.vmap(lambda xi: short_conv(xi, w[0], b[0], backend="triton"))(x.detach())
-    assert _rel(shared, short_conv(x.detach().flatten(0, 1), w[0], b[0], backend="reference").unflatten(0, (members, 2))) < 1e-5
+    assert rel_err(shared, short_conv(x.detach().flatten(0, 1), w[0], b[0], backend="reference").unflatten(0, (members, 2))) < 1e-5
 
 
 def test_empty_sequence():

@@ -1,10 +1,8 @@
 """The short causal convolution of the linear mixers: depthwise over time, then SiLU, on [B, T, C]."""
 
-import os
-
 import torch
 
-from ..common import check_choice
+from ..common import check_choice, interpreting
 from .conv1d import conv1d_short_conv
 from .reference import reference_short_conv
 
@@ -42,7 +40,7 @@ def short_conv(x, weight, bias=None, *, backend="auto"):
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         if x.dtype not in TRITON_DTYPES:
             raise ValueError(f"short_conv: backend 'triton' takes fp32, fp16 or bf16 inputs, got {x.dtype}")
-        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        if not (x.is_cuda or interpreting()):
             raise ValueError("short_conv: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU ones)")
         from .triton_conv import triton_short_conv
 

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from ..common import rel_err
 from . import short_conv, triton_conv
 
 # (batch, seq_len, channels, taps, dtype): the mqar_paper GKA cell's q, k, v conv first, then awkward sizes
@@ -20,10 +21,6 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 TIMED = [(256, 256, 384, 4), (256, 256, 1536, 4), (16, 4096, 768, 4)]
 # the backward's (rows a program, warps) raced at TIMED[0]
 BWD_SETTINGS = [(64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 2), (8, 2)]
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def _inputs(batch, seq_len, channels, taps, seed):
@@ -43,7 +40,7 @@ def check_case(batch, seq_len, channels, taps, dtype, seed):
     w, b = (t.detach().float().requires_grad_() for t in (w64, b64))
     got = short_conv(x, w, b, backend="triton")
     got_grads = torch.autograd.grad(got, [x, w, b], grad_out.to(dtype))
-    errors = {"y": _rel(got, want)} | {f"d{n}": _rel(g, r) for n, g, r in zip("xwb", got_grads, want_grads, strict=True)}
+    errors = {"y": rel_err(got, want)} | {f"d{n}": rel_err(g, r) for n, g, r in zip("xwb", got_grads, want_grads, strict=True)}
     return {"check": "accuracy", "shape": f"{batch}x{seq_len}x{channels} K={taps}", "dtype": str(dtype)[6:],
             "errors": errors, "ok": all(e < TOL[dtype] for e in errors.values())}
 
@@ -55,7 +52,7 @@ def check_vmap(members=4):
     b = torch.stack([b.float() - m for m in range(members)])
     stacked = torch.vmap(lambda xi, wi, bi: short_conv(xi, wi, bi, backend="triton"))(x, w, b)
     one_by_one = torch.stack([short_conv(x[m], w[m], b[m], backend="triton") for m in range(members)])
-    err = _rel(stacked, one_by_one)
+    err = rel_err(stacked, one_by_one)
     return {"check": "vmap", "shape": f"{members}x8x256x384 K=4", "dtype": "float32", "errors": {"y": err},
             "ok": err == 0.0}
 

@@ -147,7 +147,7 @@ class _ShortConv(torch.autograd.Function):
         # weights into groups ([members * W, C, K]), so sample m * N + n still finds its group by n // per_weight.
         members = info.batch_size
         x, weight, bias = fold_members((x, weight, bias), in_dims[:3], members)
-        y = _ShortConv.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(), per_weight)
+        y = _ShortConv.apply(x, weight, bias, per_weight)  # forward makes the expanded weights contiguous
         return y.unflatten(0, (members, -1)), 0
 
 

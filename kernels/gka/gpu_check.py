@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..common import rel_err
 from . import gka
 
 # Tolerances of issue 3: fp32 forward within 1e-3 (tf32 products), bf16 within 1e-2. Gradients are the
@@ -33,10 +34,6 @@ from . import gka
 # (sum of dqt * (x - q)) loses most to cancellation.
 TOL = {torch.float32: {"fwd": 1e-3, "grad": 2e-2}, torch.bfloat16: {"fwd": 1e-2, "grad": 3e-2},
        torch.float16: {"fwd": 1e-2, "grad": 3e-2}}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state=False, device="cuda", gated=True):

@@ -19,12 +19,10 @@ TRITON_INTERPRET=1 the same kernels run on CPU tensors (fp32 and fp16: the inter
 wrong).
 """
 
-import os
-
 import torch
 import triton
 
-from ...common import fold_members
+from ...common import fold_members, interpreting
 from . import kernels as K
 
 # Dot precision for fp32 inputs on the GPU ("tf32", "tf32x3" or "ieee"); fp16/bf16 use their own dtype.
@@ -36,10 +34,6 @@ CHUNK_SIZES = (16, 32, 64)
 FP32_CHUNK_SIZE = 32  # the chunk the GPU kernels use for fp32 inputs (see triton_gka)
 # Launch settings that replace _launch_config's choices (for tuning runs; empty in normal use).
 LAUNCH_OVERRIDES: dict = {}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def unsupported_reason(q, v, *, solver, chunk_size) -> str | None:
