@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from lab.cli import human_bytes
 from lab.errors import LabError
 from sweeps.spec import LR_KEY, MEMBER_AXES, VARIANT_KEY, Sweep, cell_key, load_sweep
-from sweeps.study import create_or_load
+from sweeps.study import create_or_load, launches
 
 
 def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = None) -> dict:
@@ -57,7 +57,7 @@ def _write(out_dir: Path, study_name: str, sweep: Sweep, study, runs: list[dict]
     metric = sweep.cfg.metric
     rows = [cell_row(cell, metric, sweep) for cell in cells]
     mad = mad_section(runs)
-    (out_dir / "report.md").write_text(markdown(study_name, sweep, rows, runs) + mad)
+    (out_dir / "report.md").write_text(markdown(study_name, sweep, rows, runs, launches(study)) + mad)
     with open(out_dir / "cells.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -166,7 +166,7 @@ def cell_row(cell: dict, metric: str, sweep: Sweep) -> dict:
     }
 
 
-def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict]) -> str:
+def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict], launched: list[dict]) -> str:
     columns = list(rows[0])
     lines = [f"# Study `{study_name}`", "",
              (f"Storage `{sweep.storage_shown}`; sampler {sweep.cfg.sampler}; metric {sweep.cfg.metric} "
@@ -175,6 +175,7 @@ def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict]) -> str:
              "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["", time_section(runs, launched)]
     failures = [r for r in runs if r["error"]]
     if failures:
         lines += ["", "## Failed runs", ""]
@@ -183,6 +184,19 @@ def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict]) -> str:
                                                                   "ablation", "optimization_history",
                                                                   "param_importances")), ""]
     return "\n".join(lines)
+
+
+def time_section(runs: list[dict], launched: list[dict]) -> str:
+    """How long the study took: its launches' wall time, and the runs' own training time (a stacked run's share of
+    its stack), which is what one worker would need for the whole study one run after another."""
+    training = sum(r.get("wall_seconds") or 0 for r in runs)
+    total = sum(launch["seconds"] for launch in launched)
+    where = ", ".join(f"{launch['started']} on {launch['host']} ({launch['workers']} worker(s)"
+                      + (f", GPUs {','.join(launch['gpus'])}" if launch["gpus"] else "")
+                      + f"): {launch['seconds']:.0f} s" for launch in launched)
+    return (f"Time: {total:.0f} s ({total / 3600:.2f} h) of wall time over {len(launched)} launch(es)"
+            + (f" [{where}]" if launched else "") + f"; the runs' training time summed: {training:.0f} s "
+            f"({training / 3600:.2f} h).")
 
 
 def mad_section(runs: list[dict]) -> str:

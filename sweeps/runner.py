@@ -12,11 +12,12 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from lab.errors import LabError
-from sweeps.spec import Sweep, load_sweep
-from sweeps.study import create_or_load, recover_orphans
+from sweeps.spec import Sweep, duration_seconds, load_sweep
+from sweeps.study import LaunchRecord, create_or_load, launch_seconds, recover_orphans
 from sweeps.worker import done_count
 
 POLL_SECONDS = 1.0
+LAUNCH_SAVE_SECONDS = 60.0
 
 
 def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpus: list[int] | None = None,
@@ -48,17 +49,23 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpu
     out.print(f"study {sweep.cfg.study}: {budget} runs ({sweep.cfg.sampler} sampler), {sweep.cfg.workers} "
               f"worker(s){on_gpus}, storage {sweep.storage_shown}")
     started = time.perf_counter()
-    procs = _start_workers(sweep, sweep_file, placement)
+    # workers start no trial after the deadline (wall clock: it travels to them as a number)
+    deadline = time.time() + duration_seconds(sweep.cfg.time_limit) if sweep.cfg.time_limit else 0.0
+    launch = LaunchRecord(study, sweep.cfg, placement)
+    procs = _start_workers(sweep, sweep_file, placement, deadline)
     try:
-        _monitor(sweep, study, procs, budget, out)
+        _monitor(sweep, study, procs, budget, out, launch)
     except KeyboardInterrupt:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait()
+        launch.save()
         raise LabError(f"interrupted; the trials that were running re-run when you start "
                        f"`lab sweep --config {config}` again") from None
+    launch.save()
     summary = _summary(sweep, study, time.perf_counter() - started)
+    summary["timed_out"] = bool(deadline) and time.time() >= deadline and summary["counts"]["left"] > 0
     _print_summary(summary, out)
     if sweep.cfg.report and summary["counts"]["complete"]:
         from sweeps.report import write_report
@@ -121,7 +128,7 @@ def gpu_placement(sweep: Sweep, workers_given: bool) -> list[str]:
     return [names[cfg.gpus[i % len(cfg.gpus)]].strip() for i in range(wanted)]
 
 
-def _start_workers(sweep: Sweep, sweep_file: Path, placement: list[str]) -> list[subprocess.Popen]:
+def _start_workers(sweep: Sweep, sweep_file: Path, placement: list[str], deadline: float) -> list[subprocess.Popen]:
     logs = sweep.study_dir / "logs"
     logs.mkdir(exist_ok=True)
     threads = sweep.cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // sweep.cfg.workers)
@@ -133,13 +140,14 @@ def _start_workers(sweep: Sweep, sweep_file: Path, placement: list[str]) -> list
             env["CUDA_VISIBLE_DEVICES"] = placement[index]
         # own session: Ctrl-C reaches the launcher only, which stops the workers itself
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "sweeps.worker", str(sweep_file), str(index), str(threads)],
+            [sys.executable, "-m", "sweeps.worker", str(sweep_file), str(index), str(threads), repr(deadline)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env))
         log.close()
     return procs
 
 
-def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], budget: int, out) -> None:
+def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], budget: int, out,
+             launch: LaunchRecord) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     reported = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
@@ -162,6 +170,7 @@ def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], b
             progress.update(bar, completed=min(budget, done_count(sweep, study.get_trials(deepcopy=False))))
             if not alive:
                 return
+            launch.save_every(LAUNCH_SAVE_SECONDS)  # a launcher that is killed still leaves its time
             time.sleep(POLL_SECONDS)
 
 
@@ -200,16 +209,21 @@ def _summary(sweep: Sweep, study: optuna.Study, seconds: float) -> dict:
         trial = pick(complete, key=lambda t: t.value)
         best = {"trial": trial.number, "value": trial.value, "run": sweep.describe(trial.user_attrs.get("overrides", {})),
                 "run_dir": trial.user_attrs.get("run_dir")}
+    study_seconds, launches = launch_seconds(study)
     return {"study": sweep.cfg.study, "storage": sweep.storage_shown, "counts": counts, "best": best,
-            "metric": sweep.cfg.metric, "seconds": seconds}
+            "metric": sweep.cfg.metric, "seconds": seconds, "study_seconds": study_seconds, "launches": launches,
+            "time_limit": sweep.cfg.time_limit}
 
 
 def _print_summary(summary: dict, out) -> None:
     counts = summary["counts"]
     out.print(f"study {summary['study']}: " + ", ".join(f"{n} {k}" for k, n in counts.items())
               + f"  ({summary['seconds']:.0f} s)")
+    if summary["launches"] > 1:
+        out.print(f"study time: {summary['study_seconds']:.0f} s over {summary['launches']} launches")
     if summary["best"]:
         best = summary["best"]
         out.print(f"best: trial {best['trial']}  {summary['metric']} {best['value']:.3f}  {best['run']}")
     if counts["left"]:
-        out.print(f"{counts['left']} runs left: run the same command again to continue")
+        reason = f"time limit {summary['time_limit']} reached; " if summary["timed_out"] else ""
+        out.print(f"{reason}{counts['left']} runs left: run the same command again to continue")

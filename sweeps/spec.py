@@ -23,6 +23,7 @@ are left out, so two grid points can name the same run (a duplicate, skipped by 
 """
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class SweepConfig:
     grace_period: int = 30
     max_retry: int = 2  # re-runs of a trial whose worker died
     report: bool = True  # write runs/<study>/report/ when the study ends
+    time_limit: str | None = None  # e.g. 2h, 90m, 600 (s): start no trial after this long; a rerun goes on
 
 
 @dataclass
@@ -314,6 +316,8 @@ def _validate(cfg: SweepConfig) -> None:
     for name, overrides in cfg.variants.items():
         if not isinstance(overrides, dict):
             raise LabError(f"sweep.variants.{name}: must be a mapping of run keys, e.g. {{model.name: gka}}")
+    if cfg.time_limit is not None:
+        duration_seconds(cfg.time_limit)
     for key in ("heartbeat_interval", "grace_period"):
         if getattr(cfg, key) < 1:
             raise LabError(f"sweep.{key}={getattr(cfg, key)}: must be >= 1 second")
@@ -388,6 +392,14 @@ def _check_runs(sweep: Sweep) -> None:
             sweep.run_config(overrides)
         except LabError as err:
             raise LabError(f"sweep cell {cell_key(overrides, with_lr=True)}: {err}") from None
+
+
+def duration_seconds(text: str) -> float:
+    """`sweep.time_limit`: `600`, `600s`, `90m`, `2h` or `1.5h` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(text))
+    if not match or float(match[1]) <= 0:
+        raise LabError(f"sweep.time_limit={text!r}: a duration > 0 like 600 (seconds), 600s, 90m or 2h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
 def hide_password(url: str) -> str:

@@ -4,6 +4,7 @@ import os
 import socket
 import time
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 
 import optuna
@@ -145,6 +146,44 @@ def _differences(old: str, new: str) -> list[str]:
 
     before, after = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))[:5]
+
+
+LAUNCH_PREFIX = "launch "
+
+
+class LaunchRecord:
+    """One `lab sweep` launch's wall time, kept in the study (a user attribute per launch): a study resumed over
+    several launches, hosts or days still knows how long it took in all."""
+
+    def __init__(self, study: optuna.Study, cfg, placement: list[str]):
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.study = study
+        self.key = f"{LAUNCH_PREFIX}{socket.gethostname()} {os.getpid()} {now}"
+        self.started = self.saved = time.perf_counter()
+        self.info = {"host": socket.gethostname(), "started": now, "workers": cfg.workers,
+                     "gpus": sorted(set(placement)), "stack_lrs": cfg.stack_lrs, "time_limit": cfg.time_limit}
+        self.save()
+
+    def save(self) -> None:
+        self.saved = time.perf_counter()
+        self.study.set_user_attr(self.key, {**self.info, "seconds": round(self.saved - self.started, 1)})
+
+    def save_every(self, seconds: float) -> None:
+        if time.perf_counter() - self.saved >= seconds:
+            self.save()
+
+
+def launches(study: optuna.Study) -> list[dict]:
+    """The study's launches (LaunchRecord), oldest first."""
+    found = [value for key, value in study.user_attrs.items() if key.startswith(LAUNCH_PREFIX)]
+    return sorted(found, key=lambda launch: launch["started"])
+
+
+def launch_seconds(study: optuna.Study) -> tuple[float, int]:
+    """The study's wall time summed over its launches (launches that overlapped, on several hosts, count each),
+    and how many there were."""
+    found = launches(study)
+    return sum(launch["seconds"] for launch in found), len(found)
 
 
 def tag_worker(trial: optuna.Trial) -> None:

@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import sys
+import time
 import traceback
 
 import optuna
@@ -183,7 +184,8 @@ def done_count(sweep: Sweep, trials: list) -> int:
     return len(done)
 
 
-def work(sweep_file: str, index: int, threads: int) -> None:
+def work(sweep_file: str, index: int, threads: int, deadline: float = 0.0) -> None:
+    """deadline: wall-clock time (time.time()) after which no trial starts; 0 = none."""
     sweep = load_sweep(sweep_file)
     study = create_or_load(sweep, create=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -192,6 +194,9 @@ def work(sweep_file: str, index: int, threads: int) -> None:
         return
     print(f"worker {index} on study {sweep.cfg.study} ({sweep.storage_shown})", flush=True)
     while not finished(sweep, study):
+        if deadline and time.time() >= deadline:
+            print(json.dumps({"worker": index, "time_limit": sweep.cfg.time_limit}), flush=True)
+            return
         if sweep.cfg.stack_lrs:
             from sweeps.stacking import train_cell_stack
 
@@ -203,4 +208,4 @@ def work(sweep_file: str, index: int, threads: int) -> None:
 
 
 if __name__ == "__main__":
-    work(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    work(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)

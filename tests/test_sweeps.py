@@ -132,6 +132,28 @@ def test_resume_after_sigkill(tmp_path):
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
+def test_time_limit_stops_then_a_rerun_finishes_and_the_study_adds_up_its_launches(tmp_path, capsys):
+    """sweep.time_limit: no trial starts after it (a worker needs longer than 0.2 s to start: none here); the
+    launch is recorded in the study, and the rerun without a limit finishes the grid and sums both launches."""
+    config = write_sweep(tmp_path, {"study": "timed", "lrs": [1e-3, 1e-2]})
+    runs_dir = f"runs_dir={tmp_path / 'runs'}"
+    assert main(["sweep", "--config", config, runs_dir, "sweep.time_limit=0.2s"]) == 1
+    out = capsys.readouterr().out
+    assert "time limit 0.2s reached; 2 runs left: run the same command again to continue" in out, out
+    assert trials_of(tmp_path, "timed") == []
+
+    summary = run_sweep(config, [runs_dir])
+    assert summary["counts"]["complete"] == 2 and summary["counts"]["left"] == 0 and not summary["timed_out"]
+    study = optuna.load_study(study_name="timed", storage=f"sqlite:///{tmp_path / 'runs' / 'timed' / 'study.db'}")
+    launches = sorted((v for k, v in study.user_attrs.items() if k.startswith("launch ")), key=lambda v: v["started"])
+    assert [launch["time_limit"] for launch in launches] == ["0.2s", None]
+    assert all(launch["seconds"] > 0 and launch["workers"] == 1 for launch in launches)
+    assert summary["launches"] == 2 and summary["study_seconds"] == pytest.approx(sum(v["seconds"] for v in launches))
+    assert summary["study_seconds"] > summary["seconds"]
+    report = (tmp_path / "runs" / "timed" / "report" / "report.md").read_text()
+    assert "over 2 launch(es)" in report and "training time summed" in report, report
+
+
 def test_nan_trial_fails_and_the_study_goes_on(tmp_path):
     config = write_sweep(tmp_path, {"study": "nan", "lrs": [1e-3, 1e12]})
     summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}", "trainer.grad_clip=0", "trainer.warmup_frac=0"])
@@ -168,6 +190,8 @@ def test_tpe_study_prunes(tmp_path):
     ({"study": "a/b"}, "plain non-empty name"),
     ({"study": "x", "seeds": [0, 0]}, "sweep.seeds=[0, 0]: distinct integers >= 0"),
     ({"study": "x", "space": {"model_seed": [0, 1]}}, "give init seeds as sweep.seeds"),
+    ({"study": "x", "time_limit": "2 days"}, "sweep.time_limit='2 days': a duration > 0 like 600"),
+    ({"study": "x", "time_limit": 0}, "sweep.time_limit='0': a duration > 0"),
 ])
 def test_bad_sweep_rejected_before_any_trial(tmp_path, capsys, sweep, message):
     config = write_sweep(tmp_path, sweep)
