@@ -22,9 +22,11 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from optuna.trial import TrialState
 
 from lab.cli import human_bytes
+from lab.config import to_dict
 from lab.errors import LabError
 from sweeps.spec import LR_KEY, MEMBER_AXES, VARIANT_KEY, Sweep, cell_key, load_sweep
 from sweeps.study import create_or_load, launches
+from sweeps.worker import run_placement
 
 
 def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = None) -> dict:
@@ -36,7 +38,7 @@ def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = 
     sweep = load_sweep(str(sweep_file), overrides)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_or_load(sweep, create=False)
-    runs = collect_runs(study)
+    runs = collect_runs(study, sweep)
     if not runs:
         raise LabError(f"study {study_name!r} has no finished runs yet")
     cells = best_per_cell(runs, sweep.cfg.metric, sweep.cfg.direction)
@@ -90,8 +92,10 @@ def _write(out_dir: Path, study_name: str, sweep: Sweep, study, runs: list[dict]
     return {"dir": str(out_dir), "figures": written, "cells": rows, "table": rich_table(rows, metric)}
 
 
-def collect_runs(study: optuna.Study) -> list[dict]:
-    """Every trained run (complete or pruned; failures listed too), with its full config from summary.json."""
+def collect_runs(study: optuna.Study, sweep: Sweep) -> list[dict]:
+    """Every trained run (complete or pruned; failures listed too), with its full config from summary.json, or,
+    for a run trained on another host (a shared PostgreSQL study) or whose directory is gone, the config the sweep
+    file and the trial's overrides resolve to (the same one the worker trained)."""
     runs = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
@@ -99,10 +103,11 @@ def collect_runs(study: optuna.Study) -> list[dict]:
             continue
         if trial.state == TrialState.FAIL and "error" not in attrs:
             continue  # lost with its worker; its re-run is another trial
-        config = {}
         summary_path = Path(attrs.get("run_dir", "")) / "summary.json"
         if summary_path.is_file():
             config = json.loads(summary_path.read_text())["config"]
+        else:
+            config = to_dict(sweep.run_config(attrs["overrides"], **run_placement(sweep, trial.number)))
         runs.append({
             "trial": trial.number, "state": trial.state.name.lower(), "overrides": attrs["overrides"],
             "cell": attrs.get("cell", ""), "lr": attrs["overrides"].get(LR_KEY, config.get("trainer", {}).get("lr")),

@@ -1,6 +1,7 @@
 """Sweeps end to end: real worker processes on a real SQLite study, resume after SIGKILL, failures, pruning,
 reports and bad input. Runs are tiny (a few training steps); what is tested is the bookkeeping."""
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lab.cli import main
 from lab.errors import LabError
+from sweeps.report import write_report
 from sweeps.runner import run_sweep
 from sweeps.spec import load_sweep
 
@@ -250,6 +252,18 @@ def test_hosts_may_write_runs_to_different_dirs(tmp_path):
     second = run_sweep(config, [f"runs_dir={tmp_path / 'b'}", "sweep.report=false"])
     assert second["counts"]["complete"] == 2 and second["counts"]["left"] == 0
     assert len(list((tmp_path / "a" / "hosts").glob("trial-*"))) == len(list((tmp_path / "b" / "hosts").glob("trial-*"))) == 1
+
+    # host b's report has host a's run (on a's disk only) with its full config: the one a trained, resolved from
+    # the sweep file and the trial's overrides
+    (tmp_path / "a").rename(tmp_path / "host-a")
+    report = Path(write_report("hosts", str(tmp_path / "b"), storage=storage)["dir"])
+    runs = {run["lr"]: run for run in json.loads((report / "runs.json").read_text())}
+    assert sorted(runs) == [1e-3, 1e-2]
+    trained_on_a = json.loads(next((tmp_path / "host-a" / "hosts").glob("trial-*/summary.json")).read_text())["config"]
+    resolved = runs[trained_on_a["trainer"]["lr"]]["config"]
+    assert resolved["runs_dir"] == str(tmp_path / "b") and resolved["trainer"].pop("num_threads") == 0
+    trained_on_a["trainer"].pop("num_threads")  # the worker's share of the cores, not a setting of the run
+    assert {**resolved, "runs_dir": None} == {**trained_on_a, "runs_dir": None}
 
 
 def test_journal_file_storage(tmp_path):

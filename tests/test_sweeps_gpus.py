@@ -33,11 +33,13 @@ def test_indices_map_through_an_outer_cuda_visible_devices(sweep, monkeypatch):
 
 def test_each_worker_process_gets_its_gpu(sweep, monkeypatch, tmp_path):
     started = []
-    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append(kw["env"]["CUDA_VISIBLE_DEVICES"]))
+    monkeypatch.setattr(subprocess, "Popen",
+                        lambda cmd, **kw: started.append((kw["env"]["CUDA_VISIBLE_DEVICES"], cmd[-1])))
     sweep.cfg.workers = 3
     sweep.study_dir.mkdir(parents=True)
-    runner._start_workers(sweep, tmp_path / "sweep.yaml", ["0", "1", "0"])
-    assert started == ["0", "1", "0"]
+    runner._start_workers(sweep, tmp_path / "sweep.yaml", ["0", "1", "0"], deadline=0.0)
+    # each worker also gets the launch's deadline (0.0: no time limit)
+    assert started == [("0", "0.0"), ("1", "0.0"), ("0", "0.0")]
 
 
 @pytest.mark.parametrize(("count", "gpus", "workers", "message"), [
