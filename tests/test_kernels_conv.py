@@ -88,6 +88,34 @@ def test_vmap_folds_members_and_their_weights():
     assert rel_err(shared, short_conv(x.detach().flatten(0, 1), w[0], b[0], backend="reference").unflatten(0, (members, 2))) < 1e-5
 
 
+def test_torch_compile_keeps_one_graph_and_the_op_checks_out():
+    """The Triton op is a custom op: Dynamo traces through it (fullgraph, no break), also stacked under vmap,
+    with the gradients of eager; torch.library.opcheck checks its schema, fake and autograd registrations."""
+    from kernels.conv.triton_conv import _short_conv
+
+    x, w, b = (t.float() for t in _inputs(2, 37, 6, 4, seed=21))
+    torch.library.opcheck(_short_conv, (x, w.unsqueeze(0), b.unsqueeze(0), 2))
+    torch.library.opcheck(_short_conv, (x, w.unsqueeze(0), None, 2))
+
+    def layer(xi, wi, bi):
+        return short_conv(xi * 2, wi, bi, backend="triton").sin()
+
+    members = 3
+    xs, ws, bs = x.expand(members, -1, -1, -1) + 0.1, torch.stack([w] * members) * 1.5, torch.stack([b] * members)
+    for fn, args in ((layer, (x, w, b)), (torch.vmap(layer), (xs, ws, bs))):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        leaves = [a.clone().requires_grad_() for a in args]
+        got = compiled(*leaves)
+        got_grads = torch.autograd.grad(got.square().sum(), leaves)
+        want_leaves = [a.clone().requires_grad_() for a in args]
+        want = fn(*want_leaves)
+        want_grads = torch.autograd.grad(want.square().sum(), want_leaves)
+        assert rel_err(got, want) < 1e-6
+        for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+            assert rel_err(got_grad, want_grad) < 1e-6
+
+
 def test_empty_sequence():
     x = torch.zeros(2, 0, 4)
     assert short_conv(x, torch.ones(4, 3), backend="triton").shape == (2, 0, 4)

@@ -211,6 +211,40 @@ def test_vmap_folds_members_into_the_batch():
             assert rel_err(stacked[n].grad[index], alone[n].grad) < 1e-6, n
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_torch_compile_keeps_one_graph(gated):
+    """The Triton op is a torch.library custom op: Dynamo traces through it (fullgraph, no graph break), alone and
+    stacked under vmap, with eager's outputs and gradients; opcheck checks its schema, fake and autograd rules."""
+    from kernels.gka.triton import _gka_chunk
+
+    ungated = {} if gated else {"gates": None, "alpha": False}
+    inputs = make_inputs(17, 37, initial_state=True, key_dim=16, value_dim=12, **ungated)
+    names = [n for n in ("q", "k", "v", "g", "alpha", "H_0", "U_0") if inputs.get(n) is not None]
+    args = [inputs[n].float() for n in names]
+    options = {"num_iter": 30, "chunk_size": 16, "backend": "triton"}
+    qkv = [a.clone().requires_grad_() for a in args[:3]]
+    gates = args[3:5] if gated else [None, None]
+    torch.library.opcheck(_gka_chunk, (*qkv, *gates, *args[-2:], 0.02, True, 30, 0.25, 16))
+
+    def layer(q, k, v, *rest):
+        g, alpha = rest[:2] if gated else (None, None)
+        o, (key_cov, _) = gka(q * 1.5, k, v, g, alpha, initial_state=tuple(rest[-2:]), output_final_state=True,
+                              **options)
+        return o.sin(), key_cov
+
+    stacked = [torch.stack([a, a.flip(0) * 0.5]) for a in args]  # two members, each its own batch
+    for fn, call_args in ((layer, args), (torch.vmap(layer), stacked)):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        results = []
+        for run in (compiled, fn):
+            leaves = [a.clone().requires_grad_() for a in call_args]
+            o, key_cov = run(*leaves)
+            results.append((o, key_cov, *torch.autograd.grad(o.square().sum() + key_cov.sum(), leaves)))
+        for got, want in zip(*results, strict=True):
+            assert rel_err(got, want) < 1e-6
+
+
 LAUNCH_VARIANTS = {
     # launch settings the GPU may run (kernels/gka/triton/__init__.py, _launch_config): each must give the default's
     # outputs and grads. Small scan tiles: several element blocks and several groups of chunks per scan.

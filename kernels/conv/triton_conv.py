@@ -101,58 +101,87 @@ def _grid(x, block_t):
     return (triton.cdiv(seq_len, block_t), triton.cdiv(channels, block_c), samples), block_c
 
 
-class _ShortConv(torch.autograd.Function):
-    """x [N, T, C], weight [W, C, K], bias [W, C] or None; sample n uses weight group n // per_weight."""
-
-    @staticmethod
-    def forward(x, weight, bias, per_weight):
-        x, weight = x.contiguous(), weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        y = torch.empty_like(x)
-        grid, block_c = _grid(x, FWD_BLOCK_T)
-        _short_conv_fwd[grid](x, weight, weight if bias is None else bias, y, x.shape[1], x.shape[2], per_weight,
-                              K=weight.shape[-1], HAS_BIAS=bias is not None, BT=FWD_BLOCK_T, BC=block_c,
-                              num_warps=FWD_WARPS)
-        return y
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, per_weight = inputs
-        ctx.save_for_backward(x, weight, bias)
-        ctx.per_weight = per_weight
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias = ctx.saved_tensors
-        x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        samples, _, channels = x.shape
-        grid, block_c = _grid(x, BWD_BLOCK_T)
-        t_blocks = grid[0]
-        dx = torch.empty_like(x)
-        dw_part = torch.empty(samples, t_blocks, channels, weight.shape[-1], device=x.device, dtype=torch.float32)
-        db_part = torch.empty(samples, t_blocks, channels, device=x.device, dtype=torch.float32) if bias is not None else None
-        _short_conv_bwd[grid](x, weight, weight if bias is None else bias, dy, dx, dw_part,
-                              dw_part if db_part is None else db_part, x.shape[1], channels, ctx.per_weight, t_blocks,
-                              K=weight.shape[-1], HAS_BIAS=bias is not None, BT=BWD_BLOCK_T, BC=block_c,
-                              num_warps=BWD_WARPS)
-        groups = weight.shape[0]
-        dw = dw_part.view(groups, -1, channels, weight.shape[-1]).sum(1).to(weight.dtype)
-        db = None if db_part is None else db_part.view(groups, -1, channels).sum(1).to(bias.dtype)
-        return dx, dw, db, None
-
-    @staticmethod
-    def vmap(info, in_dims, x, weight, bias, per_weight):
-        # Samples never mix: the members fold into the batch ([members * N, T, C], member-major) and their
-        # weights into groups ([members * W, C, K]), so sample m * N + n still finds its group by n // per_weight.
-        members = info.batch_size
-        x, weight, bias = fold_members((x, weight, bias), in_dims[:3], members)
-        y = _ShortConv.apply(x, weight, bias, per_weight)  # forward makes the expanded weights contiguous
-        return y.unflatten(0, (members, -1)), 0
+def _forward(x, weight, bias, per_weight):
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty_like(x)
+    grid, block_c = _grid(x, FWD_BLOCK_T)
+    _short_conv_fwd[grid](x, weight, weight if bias is None else bias, y, x.shape[1], x.shape[2], per_weight,
+                          K=weight.shape[-1], HAS_BIAS=bias is not None, BT=FWD_BLOCK_T, BC=block_c,
+                          num_warps=FWD_WARPS)
+    return y
 
 
-# under torch.compile the op runs as it is (a graph break): Inductor can't trace its launches
-@torch.compiler.disable
+def _backward(dy, x, weight, bias, per_weight):
+    x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    samples, _, channels = x.shape
+    grid, block_c = _grid(x, BWD_BLOCK_T)
+    t_blocks = grid[0]
+    dx = torch.empty_like(x)
+    dw_part = torch.empty(samples, t_blocks, channels, weight.shape[-1], device=x.device, dtype=torch.float32)
+    db_part = torch.empty(samples, t_blocks, channels, device=x.device, dtype=torch.float32) if bias is not None else None
+    _short_conv_bwd[grid](x, weight, weight if bias is None else bias, dy, dx, dw_part,
+                          dw_part if db_part is None else db_part, x.shape[1], channels, per_weight, t_blocks,
+                          K=weight.shape[-1], HAS_BIAS=bias is not None, BT=BWD_BLOCK_T, BC=block_c,
+                          num_warps=BWD_WARPS)
+    groups = weight.shape[0]
+    dw = dw_part.view(groups, -1, channels, weight.shape[-1]).sum(1).to(weight.dtype)
+    # a custom op returns tensors only: an empty one stands for "no bias"
+    db = weight.new_empty(0) if db_part is None else db_part.view(groups, -1, channels).sum(1).to(bias.dtype)
+    return dx, dw, db
+
+
+# Custom ops (not an autograd.Function behind torch.compiler.disable): torch.compile keeps them in its graph as
+# calls it does not look into, so a compiled mixer is one graph instead of breaking at every convolution.
+# x [N, T, C], weight [W, C, K], bias [W, C] or None; sample n uses weight group n // per_weight.
+@torch.library.custom_op("lab::short_conv", mutates_args=())
+def _short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, per_weight: int) -> torch.Tensor:
+    return _forward(x, weight, bias, per_weight)
+
+
+@_short_conv.register_fake
+def _(x, weight, bias, per_weight):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("lab::short_conv_backward", mutates_args=())
+def _short_conv_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         per_weight: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, weight, bias, per_weight)
+
+
+@_short_conv_backward.register_fake
+def _(dy, x, weight, bias, per_weight):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            weight.new_empty(0) if bias is None else torch.empty_like(bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, per_weight = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.per_weight = per_weight
+    ctx.has_bias = bias is not None
+
+
+def _grads(ctx, dy):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = _short_conv_backward(dy, x, weight, bias, ctx.per_weight)
+    return dx, dw, db if ctx.has_bias else None, None
+
+
+def _vmap(info, in_dims, x, weight, bias, per_weight):
+    # Samples never mix: the members fold into the batch ([members * N, T, C], member-major) and their
+    # weights into groups ([members * W, C, K]), so sample m * N + n still finds its group by n // per_weight.
+    members = info.batch_size
+    x, weight, bias = fold_members((x, weight, bias), in_dims[:3], members)
+    return _short_conv(x, weight, bias, per_weight).unflatten(0, (members, -1)), 0
+
+
+_short_conv.register_autograd(_grads, setup_context=_setup_context)
+_short_conv.register_vmap(_vmap)
+
+
 def triton_short_conv(x, weight, bias=None):
     """kernels.short_conv on the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
-    return _ShortConv.apply(x, weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0), x.shape[0])
+    return _short_conv(x, weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0), x.shape[0])

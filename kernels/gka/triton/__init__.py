@@ -139,171 +139,220 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
 
 
-class _Saved:
-    """What the backward needs from the forward (a plain object: an output that vmap passes through)."""
+def _operands(q, k, v, g, alpha):
+    """The kernels' operands: q, k, v contiguous in q's dtype, the gates in fp32 (None stays None)."""
+    k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
+    g32 = None if g is None else g.float().contiguous()
+    a32 = None if alpha is None else alpha.float().contiguous()
+    return q.contiguous(), k, v, g32, a32
 
 
-class _TritonGKA(torch.autograd.Function):
-    @staticmethod
-    def forward(q, k, v, g, alpha, h0, u0, ridge, adaptive, num_iter, scale, chunk_size):
-        batch, seq_len, heads, key_dim = q.shape
-        value_dim = v.shape[-1]
-        num_chunks = triton.cdiv(seq_len, chunk_size)
-        q, k, v = q.contiguous(), k.contiguous(), v.to(q.dtype).contiguous()
-        k = k.to(q.dtype)
-        g32 = None if g is None else g.float().contiguous()
-        a32 = None if alpha is None else alpha.float().contiguous()
-        h0_32 = None if h0 is None else h0.float().contiguous()
-        u0_32 = None if u0 is None else u0.float().contiguous()
-        f32 = {"device": q.device, "dtype": torch.float32}
-        cfg = _launch_config(max(key_dim, value_dim), q.dtype)
-        low = q.dtype != torch.float32
-        state_dtype = q.dtype if cfg["low_states"] else torch.float32
-        h_states = torch.empty(batch, heads, num_chunks, key_dim, key_dim, device=q.device, dtype=state_dtype)
-        u_states = torch.empty(batch, heads, num_chunks, value_dim, key_dim, device=q.device, dtype=state_dtype)
-        h_final = torch.empty(batch, heads, key_dim, key_dim, **f32)
-        u_final = torch.empty(batch, heads, value_dim, key_dim, **f32)
-        x = torch.empty(batch, seq_len, heads, key_dim, **f32)
-        norm = torch.empty(batch, heads, num_chunks * chunk_size, **f32)
-        # per token k^T H0 k and per chunk ||H0||^2 (forward), then w and H0's coefficient (_gka_bwd_grads)
-        stats = torch.empty(batch, heads, 2 * (num_chunks * chunk_size + num_chunks), **f32)
-        o = torch.empty(batch, seq_len, heads, value_dim, device=q.device, dtype=q.dtype)
-        bd, bdv = _block(key_dim), _block(value_dim)
-        prec = _dot_precision(q.dtype)
-        dummy = x  # stands in for absent optional tensors (never read: the HAS_* flags are off)
+def _forward_outputs(q, v, has_g, chunk_size):
+    """The forward's outputs, unwritten: o, the final states, and what the backward reads (the chunk-start
+    states, the solution x, the norms, the stats, e^{G_last} per chunk: [0] without gates). The fake
+    (torch.compile's shape pass) is this alone."""
+    batch, seq_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    num_chunks = triton.cdiv(seq_len, chunk_size)
+    f32 = {"device": q.device, "dtype": torch.float32}
+    cfg = _launch_config(max(key_dim, value_dim), q.dtype)
+    state_dtype = q.dtype if cfg["low_states"] else torch.float32
+    o = torch.empty(batch, seq_len, heads, value_dim, device=q.device, dtype=q.dtype)
+    h_final = torch.empty(batch, heads, key_dim, key_dim, **f32)
+    u_final = torch.empty(batch, heads, value_dim, key_dim, **f32)
+    h_states = torch.empty(batch, heads, num_chunks, key_dim, key_dim, device=q.device, dtype=state_dtype)
+    u_states = torch.empty(batch, heads, num_chunks, value_dim, key_dim, device=q.device, dtype=state_dtype)
+    x = torch.empty(batch, seq_len, heads, key_dim, **f32)
+    norm = torch.empty(batch, heads, num_chunks * chunk_size, **f32)
+    # per token k^T H0 k and per chunk ||H0||^2 (forward), then w and H0's coefficient (_gka_bwd_grads)
+    stats = torch.empty(batch, heads, 2 * (num_chunks * chunk_size + num_chunks), **f32)
+    decay = torch.empty(batch, heads, num_chunks if has_g else 0, **f32)
+    return o, h_final, u_final, h_states, u_states, x, norm, stats, decay
 
-        # chunk-parallel contributions (and e^{G_last} per chunk), then an elementwise scan over the chunks
-        decay = torch.empty(batch, heads, num_chunks, **f32) if g32 is not None else None
-        K._chunk_contrib[(num_chunks, batch * heads)](
-            k, v, dummy if g32 is None else g32, h_states, u_states, dummy if decay is None else decay,
-            seq_len, heads, num_chunks, key_dim, value_dim,
-            HAS_G=g32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec,
-            HALVES=cfg["contrib_halves"] and _halves(bd, cfg) and _halves(bdv, cfg), num_warps=cfg["contrib_warps"],
+
+# The op as torch.library custom ops (not an autograd.Function behind torch.compiler.disable): torch.compile
+# keeps them in its graph as calls it does not look into, so a compiled GKA layer is one graph, not three.
+@torch.library.custom_op("lab::gka_chunk", mutates_args=())
+def _gka_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+               alpha: torch.Tensor | None, h0: torch.Tensor | None, u0: torch.Tensor | None, ridge: float,
+               adaptive: bool, num_iter: int, scale: float, chunk_size: int) -> list[torch.Tensor]:
+    outputs = _forward_outputs(q, v, g is not None, chunk_size)
+    o, h_final, u_final, h_states, u_states, x, norm, stats, decay = outputs
+    q, k, v, g32, a32 = _operands(q, k, v, g, alpha)
+    h0_32 = None if h0 is None else h0.float().contiguous()
+    u0_32 = None if u0 is None else u0.float().contiguous()
+    batch, seq_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    num_chunks = h_states.shape[2]
+    cfg = _launch_config(max(key_dim, value_dim), q.dtype)
+    low = q.dtype != torch.float32
+    bd, bdv = _block(key_dim), _block(value_dim)
+    prec = _dot_precision(q.dtype)
+    dummy = x  # stands in for absent optional tensors (never read: the HAS_* flags are off)
+
+    # chunk-parallel contributions (and e^{G_last} per chunk), then an elementwise scan over the chunks
+    decay = decay if g32 is not None else None
+    K._chunk_contrib[(num_chunks, batch * heads)](
+        k, v, dummy if g32 is None else g32, h_states, u_states, dummy if decay is None else decay,
+        seq_len, heads, num_chunks, key_dim, value_dim,
+        HAS_G=g32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec,
+        HALVES=cfg["contrib_halves"] and _halves(bd, cfg) and _halves(bdv, cfg), num_warps=cfg["contrib_warps"],
+    )
+    _scan_elem(h_states, u_states, decay, h0_32, u0_32, h_final, u_final, cfg, reverse=False)
+    K._gka_fwd_chunk[(num_chunks, batch * heads)](
+        q, k, v, dummy if g32 is None else g32, dummy if a32 is None else a32,
+        h_states, u_states, x, o, norm, stats,
+        seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
+        ADAPTIVE=adaptive, HAS_G=g32 is not None, HAS_ALPHA=a32 is not None,
+        C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, INTERPRET=interpreting(),
+        HALVES=_halves(bd, cfg) and not cfg["solver_fold"], READ_SPLIT=cfg["read_split"] and low,
+        FOLD=cfg["solver_fold"], num_warps=cfg["fwd_warps"],
+    )
+    return list(outputs)
+
+
+@_gka_chunk.register_fake
+def _(q, k, v, g, alpha, h0, u0, ridge, adaptive, num_iter, scale, chunk_size):
+    return list(_forward_outputs(q, v, g is not None, chunk_size))
+
+
+@torch.library.custom_op("lab::gka_chunk_backward", mutates_args=())
+def _gka_chunk_backward(do: torch.Tensor | None, dh_final: torch.Tensor | None, du_final: torch.Tensor | None,
+                        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                        alpha: torch.Tensor | None, h_states: torch.Tensor, u_states: torch.Tensor, x: torch.Tensor,
+                        norm: torch.Tensor, stats: torch.Tensor, decay: torch.Tensor, ridge: float, adaptive: bool,
+                        num_iter: int, scale: float, chunk_size: int) -> list[torch.Tensor]:
+    """dq, dk, dv (q's dtype), dg, dalpha (their inputs' dtypes; [0] where absent), dh0, du0 (fp32)."""
+    q, k, v, g32, a32 = _operands(q, k, v, g, alpha)
+    decay = decay if g32 is not None else None
+    batch, seq_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    num_chunks = h_states.shape[2]
+    if do is None:
+        do = torch.zeros_like(v)
+    do = do.to(q.dtype).contiguous()
+    f32 = {"device": q.device, "dtype": torch.float32}
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dk_part = torch.empty(batch, seq_len, heads, key_dim, **f32)
+    dv_part = torch.empty(batch, seq_len, heads, value_dim, **f32)
+    dG_part = torch.empty(batch, heads, num_chunks * chunk_size, **f32)
+    dalpha = torch.empty(batch, seq_len, heads, **f32) if a32 is not None else None
+    dg = torch.empty(batch, seq_len, heads, **f32) if g32 is not None else None
+    dh_buf = torch.empty_like(h_states)
+    du_buf = torch.empty_like(u_states)
+    dh0 = torch.empty(batch, heads, key_dim, key_dim, **f32)
+    du0 = torch.empty(batch, heads, value_dim, key_dim, **f32)
+    cfg = _launch_config(max(key_dim, value_dim), q.dtype)
+    bd, bdv = _block(key_dim), _block(value_dim)
+    prec = _dot_precision(q.dtype)
+    dummy = dk_part
+    has_g = g32 is not None
+    gp = g32 if has_g else dummy
+
+    # bwd_lean: the second solve's right-hand side in the input dtype (bf16 inputs: ~bf16 rounding of dq).
+    dx = torch.empty(batch, seq_len, heads, key_dim, device=q.device,
+                     dtype=q.dtype if cfg["bwd_lean"] else torch.float32)
+    dq_direct = torch.empty(batch, seq_len, heads, key_dim, **f32) if a32 is not None else dummy
+    grid = (num_chunks, batch * heads)
+    # the second solve's solution, for _gka_bwd_grads (whose products take it in the input dtype anyway)
+    y = torch.empty(batch, seq_len, heads, key_dim, device=q.device, dtype=dx.dtype)
+    halves = _halves(bd, cfg)
+    for part in (1, 2):
+        K._gka_bwd_readout[grid](
+            q, k, v, gp, a32 if a32 is not None else dummy, u_states, x, do,
+            dx, dq_direct, dk_part, dv_part, dG_part, dalpha if dalpha is not None else dummy, du_buf,
+            seq_len, heads, num_chunks, key_dim, value_dim, float(scale),
+            HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PART=part,
+            HALVES=halves and part == 1, num_warps=cfg["readout_warps"] if part == 1 else cfg["readout2_warps"],
         )
-        _scan_elem(h_states, u_states, decay, h0_32, u0_32, h_final, u_final, cfg, reverse=False)
-        K._gka_fwd_chunk[(num_chunks, batch * heads)](
-            q, k, v, dummy if g32 is None else g32, dummy if a32 is None else a32,
-            h_states, u_states, x, o, norm, stats,
-            seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
-            ADAPTIVE=adaptive, HAS_G=g32 is not None, HAS_ALPHA=a32 is not None,
-            C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, INTERPRET=interpreting(),
-            HALVES=_halves(bd, cfg) and not cfg["solver_fold"], READ_SPLIT=cfg["read_split"] and low,
-            FOLD=cfg["solver_fold"], num_warps=cfg["fwd_warps"],
+    K._gka_bwd_solve[grid](
+        k, gp, h_states, norm, dx, dq_direct, dq, y,
+        seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
+        ADAPTIVE=adaptive, HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, DOT_PREC=prec,
+        INTERPRET=interpreting(), HALVES=halves and not cfg["solver_fold"], FOLD=cfg["solver_fold"],
+        num_warps=cfg["bwd_warps"],
+    )
+    for part in (1, 2):
+        K._gka_bwd_grads[grid](
+            k, gp, h_states, x, norm, stats, y, dk_part, dG_part, dh_buf,
+            seq_len, heads, num_chunks, key_dim, float(ridge),
+            ADAPTIVE=adaptive, HAS_G=has_g, C=chunk_size, BD=bd, DOT_PREC=prec, PART=part,
+            HALVES=halves and part == 1, num_warps=cfg["grads_warps"] if part == 1 else cfg["grads2_warps"],
         )
-        saved = _Saved()
-        saved.tensors = (q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay)
-        saved.options = (ridge, adaptive, num_iter, scale, chunk_size)
-        saved.cfg = cfg
-        saved.input_dtypes = tuple(None if t is None else t.dtype for t in (g, alpha, h0, u0))
-        return o, h_final, u_final, saved
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.saved = output[3]
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def vmap(info, in_dims, q, k, v, g, alpha, h0, u0, *options):
-        # Batch entries never mix, so vmap's dimension (stacked models, lab/stacked.py) folds into the
-        # batch dimension: one launch over [members * B, ...] instead of a loop over members.
-        members = info.batch_size
-        folded = fold_members((q, k, v, g, alpha, h0, u0), in_dims[:7], members)
-        o, h_final, u_final, saved = _TritonGKA.apply(*folded, *options)
-        return (*(t.unflatten(0, (members, -1)) for t in (o, h_final, u_final)), saved), (0, 0, 0, None)
-
-    @staticmethod
-    def backward(ctx, do, dh_final, du_final, _saved):
-        saved = ctx.saved
-        q, k, v, g32, a32, h_states, u_states, x, norm, stats, decay = saved.tensors
-        ridge, adaptive, num_iter, scale, chunk_size = saved.options
-        batch, seq_len, heads, key_dim = q.shape
-        value_dim = v.shape[-1]
-        num_chunks = h_states.shape[2]
-        if do is None:
-            do = torch.zeros_like(v)
-        do = do.to(q.dtype).contiguous()
-        f32 = {"device": q.device, "dtype": torch.float32}
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        dk_part = torch.empty(batch, seq_len, heads, key_dim, **f32)
-        dv_part = torch.empty(batch, seq_len, heads, value_dim, **f32)
-        dG_part = torch.empty(batch, heads, num_chunks * chunk_size, **f32)
-        dalpha = torch.empty(batch, seq_len, heads, **f32) if a32 is not None else None
-        dg = torch.empty(batch, seq_len, heads, **f32) if g32 is not None else None
-        dh_buf = torch.empty_like(h_states)
-        du_buf = torch.empty_like(u_states)
-        dh0 = torch.empty(batch, heads, key_dim, key_dim, **f32)
-        du0 = torch.empty(batch, heads, value_dim, key_dim, **f32)
-        cfg = saved.cfg
-        bd, bdv = _block(key_dim), _block(value_dim)
-        prec = _dot_precision(q.dtype)
-        dummy = dk_part
-        has_g = g32 is not None
-        gp = g32 if has_g else dummy
-
-        # bwd_lean: the second solve's right-hand side in the input dtype (bf16 inputs: ~bf16 rounding of dq).
-        dx = torch.empty(batch, seq_len, heads, key_dim, device=q.device,
-                         dtype=q.dtype if cfg["bwd_lean"] else torch.float32)
-        dq_direct = torch.empty(batch, seq_len, heads, key_dim, **f32) if a32 is not None else dummy
-        grid = (num_chunks, batch * heads)
-        # the second solve's solution, for _gka_bwd_grads (whose products take it in the input dtype anyway)
-        y = torch.empty(batch, seq_len, heads, key_dim, device=q.device, dtype=dx.dtype)
-        halves = _halves(bd, cfg)
-        for part in (1, 2):
-            K._gka_bwd_readout[grid](
-                q, k, v, gp, a32 if a32 is not None else dummy, u_states, x, do,
-                dx, dq_direct, dk_part, dv_part, dG_part, dalpha if dalpha is not None else dummy, du_buf,
-                seq_len, heads, num_chunks, key_dim, value_dim, float(scale),
-                HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PART=part,
-                HALVES=halves and part == 1, num_warps=cfg["readout_warps"] if part == 1 else cfg["readout2_warps"],
-            )
-        K._gka_bwd_solve[grid](
-            k, gp, h_states, norm, dx, dq_direct, dq, y,
-            seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
-            ADAPTIVE=adaptive, HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, DOT_PREC=prec,
-            INTERPRET=interpreting(), HALVES=halves and not cfg["solver_fold"], FOLD=cfg["solver_fold"],
-            num_warps=cfg["bwd_warps"],
-        )
-        for part in (1, 2):
-            K._gka_bwd_grads[grid](
-                k, gp, h_states, x, norm, stats, y, dk_part, dG_part, dh_buf,
-                seq_len, heads, num_chunks, key_dim, float(ridge),
-                ADAPTIVE=adaptive, HAS_G=has_g, C=chunk_size, BD=bd, DOT_PREC=prec, PART=part,
-                HALVES=halves and part == 1, num_warps=cfg["grads_warps"] if part == 1 else cfg["grads2_warps"],
-            )
-        del y
-        has_final = dh_final is not None or du_final is not None
-        if has_final:
-            dh_final = torch.zeros_like(dh0) if dh_final is None else dh_final.float().contiguous()
-            du_final = torch.zeros_like(du0) if du_final is None else du_final.float().contiguous()
-        # carry_partials: <Z, H0> + <dU, U0> of each chunk as the scan's per-block partial sums
-        blocks = _scan_blocks(cfg, key_dim, value_dim)[1]
-        partial = torch.empty(batch * heads, num_chunks, blocks, **f32) if cfg["carry_partials"] and has_g else None
-        _scan_elem(dh_buf, du_buf, decay, dh_final if has_final else None, du_final if has_final else None,
-                   dh0, du0, cfg, reverse=True, partial=partial, states=(h_states, u_states))
-        K._gka_bwd_carry[(num_chunks, batch * heads)](
-            k, v, gp, h_states, u_states, dh_buf, du_buf, dk_part, dv_part, dG_part,
-            dk, dv, dg if dg is not None else dummy, dummy if partial is None else partial,
-            seq_len, heads, num_chunks, key_dim, value_dim, blocks,
-            HAS_G=has_g, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PARTIALS=partial is not None,
-            NBP=triton.next_power_of_2(blocks), num_warps=cfg["carry_warps"],
-        )
-        g_dtype, a_dtype, h0_dtype, u0_dtype = saved.input_dtypes
-        return (
-            dq,
-            dk,
-            dv,
-            None if dg is None else dg.to(g_dtype),
-            None if dalpha is None else dalpha.to(a_dtype),
-            None if h0_dtype is None else dh0.to(h0_dtype),
-            None if u0_dtype is None else du0.to(u0_dtype),
-            None, None, None, None, None,
-        )
+    del y
+    has_final = dh_final is not None or du_final is not None
+    if has_final:
+        dh_final = torch.zeros_like(dh0) if dh_final is None else dh_final.float().contiguous()
+        du_final = torch.zeros_like(du0) if du_final is None else du_final.float().contiguous()
+    # carry_partials: <Z, H0> + <dU, U0> of each chunk as the scan's per-block partial sums
+    blocks = _scan_blocks(cfg, key_dim, value_dim)[1]
+    partial = torch.empty(batch * heads, num_chunks, blocks, **f32) if cfg["carry_partials"] and has_g else None
+    _scan_elem(dh_buf, du_buf, decay, dh_final if has_final else None, du_final if has_final else None,
+               dh0, du0, cfg, reverse=True, partial=partial, states=(h_states, u_states))
+    K._gka_bwd_carry[(num_chunks, batch * heads)](
+        k, v, gp, h_states, u_states, dh_buf, du_buf, dk_part, dv_part, dG_part,
+        dk, dv, dg if dg is not None else dummy, dummy if partial is None else partial,
+        seq_len, heads, num_chunks, key_dim, value_dim, blocks,
+        HAS_G=has_g, C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, PARTIALS=partial is not None,
+        NBP=triton.next_power_of_2(blocks), num_warps=cfg["carry_warps"],
+    )
+    return [dq, dk, dv, _or_empty(dg, g, q), _or_empty(dalpha, alpha, q), dh0, du0]
 
 
-# under torch.compile the op runs as it is (a graph break): Inductor can't trace its launches
-@torch.compiler.disable
+@_gka_chunk_backward.register_fake
+def _(do, dh_final, du_final, q, k, v, g, alpha, h_states, u_states, x, norm, stats, decay, ridge, adaptive,
+      num_iter, scale, chunk_size):
+    batch, _, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    f32 = {"device": q.device, "dtype": torch.float32}
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=q.device, dtype=q.dtype)
+    dv = torch.empty(v.shape, device=q.device, dtype=q.dtype)
+    gates = [torch.empty_like(t) if t is not None else q.new_empty(0) for t in (g, alpha)]
+    return [dq, dk, dv, *gates, torch.empty(batch, heads, key_dim, key_dim, **f32),
+            torch.empty(batch, heads, value_dim, key_dim, **f32)]
+
+
+def _or_empty(grad, like, q):
+    # a custom op returns tensors only: an empty one (q's dtype, as the fake says) stands for an absent input's
+    # gradient
+    return q.new_empty(0) if like is None else grad.to(like.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, alpha, h0, u0, *options = inputs
+    ctx.save_for_backward(q, k, v, g, alpha, *output[3:])
+    ctx.options = options
+    ctx.input_dtypes = tuple(None if t is None else t.dtype for t in (g, alpha, h0, u0))
+    ctx.set_materialize_grads(False)
+
+
+def _grads(ctx, grads):
+    do, dh_final, du_final = grads[:3]  # the saved outputs' gradients are never used
+    dq, dk, dv, dg, dalpha, dh0, du0 = _gka_chunk_backward(do, dh_final, du_final, *ctx.saved_tensors, *ctx.options)
+    g_dtype, a_dtype, h0_dtype, u0_dtype = ctx.input_dtypes
+    return (dq, dk, dv, None if g_dtype is None else dg, None if a_dtype is None else dalpha,
+            None if h0_dtype is None else dh0.to(h0_dtype), None if u0_dtype is None else du0.to(u0_dtype),
+            None, None, None, None, None)
+
+
+def _vmap(info, in_dims, q, k, v, g, alpha, h0, u0, *options):
+    # Batch entries never mix, so vmap's dimension (stacked models, lab/stacked.py) folds into the
+    # batch dimension: one launch over [members * B, ...] instead of a loop over members.
+    members = info.batch_size
+    folded = fold_members((q, k, v, g, alpha, h0, u0), in_dims[:7], members)
+    outputs = _gka_chunk(*folded, *options)
+    # every output leads with the batch; an empty decay (no gates) has none to split
+    return ([t.unflatten(0, (members, -1)) if t.numel() else t for t in outputs],
+            [0 if t.numel() else None for t in outputs])
+
+
+_gka_chunk.register_autograd(_grads, setup_context=_setup_context)
+_gka_chunk.register_vmap(_vmap)
+
+
 def triton_gka(
     q,
     k,
@@ -329,7 +378,8 @@ def triton_gka(
         # fp32 operands double the shared memory of every dot; 64-token chunks overflow the H200's 227 KiB.
         # The chunk size changes only the order of the sums, not the function.
         chunk_size = min(chunk_size, FP32_CHUNK_SIZE)
-    o, h_final, u_final, _ = _TritonGKA.apply(
-        q, k, v, g, alpha, h0, u0, ridge_ratio, ridge_mode == "adaptive", num_iter, scale, chunk_size
-    )
+    o, h_final, u_final = _gka_chunk(
+        q, k, v, g, alpha, h0, u0, float(ridge_ratio), ridge_mode == "adaptive", int(num_iter), float(scale),
+        int(chunk_size),
+    )[:3]
     return (o, (h_final, u_final)) if output_final_state else o
