@@ -198,10 +198,16 @@ def time_section(runs: list[dict], launched: list[dict]) -> str:
     total = sum(launch["seconds"] for launch in launched)
     where = ", ".join(f"{launch['started']} on {launch['host']} ({launch['workers']} worker(s)"
                       + (f", GPUs {','.join(launch['gpus'])}" if launch["gpus"] else "")
+                      + (f", {_counted(launch['gpu_names'])}" if launch.get("gpu_names") else "")
                       + f"): {launch['seconds']:.0f} s" for launch in launched)
     return (f"Time: {total:.0f} s ({total / 3600:.2f} h) of wall time over {len(launched)} launch(es)"
             + (f" [{where}]" if launched else "") + f"; the runs' training time summed: {training:.0f} s "
             f"({training / 3600:.2f} h).")
+
+
+def _counted(names: list[str]) -> str:
+    """['NVIDIA H200', 'NVIDIA H200'] -> '2x NVIDIA H200'."""
+    return ", ".join(f"{names.count(name)}x {name}" for name in dict.fromkeys(names))
 
 
 def mad_section(runs: list[dict]) -> str:

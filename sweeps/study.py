@@ -2,6 +2,7 @@
 
 import os
 import socket
+import subprocess
 import time
 import warnings
 from datetime import UTC, datetime
@@ -161,7 +162,8 @@ class LaunchRecord:
         self.key = f"{LAUNCH_PREFIX}{socket.gethostname()} {os.getpid()} {now}"
         self.started = self.saved = time.perf_counter()
         self.info = {"host": socket.gethostname(), "started": now, "workers": cfg.workers,
-                     "gpus": sorted(set(placement)), "stack_lrs": cfg.stack_lrs, "time_limit": cfg.time_limit}
+                     "gpus": sorted(set(placement)), "gpu_names": gpu_names(placement), "stack_lrs": cfg.stack_lrs,
+                     "time_limit": cfg.time_limit}
         self.save()
 
     def save(self) -> None:
@@ -171,6 +173,19 @@ class LaunchRecord:
     def save_every(self, seconds: float) -> None:
         if time.perf_counter() - self.saved >= seconds:
             self.save()
+
+
+def gpu_names(placement: list[str]) -> list[str]:
+    """The models of the GPUs a launch's workers see (the pinned ones, else all of this host's), from nvidia-smi, so
+    that the launcher itself never starts CUDA; none where nvidia-smi is missing or fails (a CPU host)."""
+    command = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+    if placement:
+        command.append(f"--id={','.join(sorted(set(placement)))}")
+    try:
+        listed = subprocess.run(command, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in listed.splitlines() if line.strip()]
 
 
 def launches(study: optuna.Study) -> list[dict]:

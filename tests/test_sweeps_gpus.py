@@ -1,5 +1,6 @@
 """`lab sweep --gpus 0,1 --per-gpu K`: which GPU each worker process sees, and the errors (no GPU needed)."""
 
+import os
 import subprocess
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 
 from lab.cli import main
 from sweeps import runner
+from sweeps.report import time_section
 from sweeps.spec import load_sweep
+from sweeps.study import gpu_names
 from tests.test_sweeps import write_sweep
 
 
@@ -63,3 +66,20 @@ def test_cli_rejects_a_bad_gpu_list(tmp_path, capsys):
     assert "GPU indices separated by commas" in capsys.readouterr().err
     assert main(["sweep", "--config", config, f"runs_dir={tmp_path}", "--gpus", "0"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_launch_records_its_gpu_models(tmp_path, monkeypatch):
+    """The launch record names the pinned GPUs' models (nvidia-smi, so the launcher starts no CUDA context) and
+    the report's Time line shows them; a host without nvidia-smi records none."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\nprintf "NVIDIA H200\\nNVIDIA H200\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    assert gpu_names(["1", "0", "1"]) == ["NVIDIA H200", "NVIDIA H200"]
+    assert "--id=0,1" in (fake.parent / "args").read_text()
+    launch = {"started": "2026-12-06T03:00:00Z", "host": "gpu-1", "workers": 4, "gpus": ["0", "1"],
+              "gpu_names": ["NVIDIA H200", "NVIDIA H200"], "seconds": 600.0}
+    assert "(4 worker(s), GPUs 0,1, 2x NVIDIA H200): 600 s" in time_section([], [launch])
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert gpu_names([]) == []
