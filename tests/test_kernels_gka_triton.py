@@ -245,6 +245,33 @@ def test_torch_compile_keeps_one_graph(gated):
             assert rel_err(got, want) < 1e-6
 
 
+def test_inductor_compiles_conv_and_gka_around_the_ops():
+    """trainer.compile's backend (Inductor) on a short conv feeding GKA, alone and stacked under vmap: both custom
+    ops stay opaque calls inside one generated graph (fullgraph), with eager's values and gradients."""
+    from kernels import short_conv
+
+    inputs = make_inputs(23, 40, batch=2, key_dim=16, value_dim=16)
+    q, k, v, g, alpha = (inputs[n].float() for n in ("q", "k", "v", "g", "alpha"))
+    weight = torch.randn(2 * 16, 4, generator=torch.Generator().manual_seed(5))
+
+    def layer(q, k, v, g, alpha, weight):
+        mixed = short_conv(v.flatten(2), weight, backend="triton").unflatten(2, v.shape[2:])
+        return gka(q * 1.1, k, mixed, g, alpha, backend="triton", num_iter=20, chunk_size=16).square().sum()
+
+    scales = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1, 1)
+    stacked = (*(t.expand(3, *t.shape) for t in (q, k)), v * scales, *(t.expand(3, *t.shape) for t in (g, alpha)))
+    for fn, args in ((layer, (q, k, v, g, alpha, weight)),
+                     (torch.vmap(layer, in_dims=(0, 0, 0, 0, 0, None)), (*stacked, weight))):
+        torch._dynamo.reset()
+        results = []
+        for run in (torch.compile(fn, fullgraph=True), fn):
+            leaves = [a.clone().requires_grad_() for a in args]
+            out = run(*leaves)
+            results.append((out, *torch.autograd.grad(out.sum(), leaves)))
+        for got, want in zip(*results, strict=True):
+            assert rel_err(got, want) < 1e-5
+
+
 LAUNCH_VARIANTS = {
     # launch settings the GPU may run (kernels/gka/triton/__init__.py, _launch_config): each must give the default's
     # outputs and grads. Small scan tiles: several element blocks and several groups of chunks per scan.
