@@ -147,7 +147,7 @@ def _operands(q, k, v, g, alpha):
     return q.contiguous(), k, v, g32, a32
 
 
-def _forward_outputs(q, v, has_g, chunk_size):
+def _forward_outputs(q, v, has_g, chunk_size, cfg):
     """The forward's outputs, unwritten: o, the final states, and what the backward reads (the chunk-start
     states, the solution x, the norms, the stats, e^{G_last} per chunk: [0] without gates). The fake
     (torch.compile's shape pass) is this alone."""
@@ -155,7 +155,6 @@ def _forward_outputs(q, v, has_g, chunk_size):
     value_dim = v.shape[-1]
     num_chunks = triton.cdiv(seq_len, chunk_size)
     f32 = {"device": q.device, "dtype": torch.float32}
-    cfg = _launch_config(max(key_dim, value_dim), q.dtype)
     state_dtype = q.dtype if cfg["low_states"] else torch.float32
     o = torch.empty(batch, seq_len, heads, value_dim, device=q.device, dtype=q.dtype)
     h_final = torch.empty(batch, heads, key_dim, key_dim, **f32)
@@ -176,15 +175,15 @@ def _forward_outputs(q, v, has_g, chunk_size):
 def _gka_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                alpha: torch.Tensor | None, h0: torch.Tensor | None, u0: torch.Tensor | None, ridge: float,
                adaptive: bool, num_iter: int, scale: float, chunk_size: int) -> list[torch.Tensor]:
-    outputs = _forward_outputs(q, v, g is not None, chunk_size)
+    batch, seq_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    cfg = _launch_config(max(key_dim, value_dim), q.dtype)
+    outputs = _forward_outputs(q, v, g is not None, chunk_size, cfg)
     o, h_final, u_final, h_states, u_states, x, norm, stats, decay = outputs
     q, k, v, g32, a32 = _operands(q, k, v, g, alpha)
     h0_32 = None if h0 is None else h0.float().contiguous()
     u0_32 = None if u0 is None else u0.float().contiguous()
-    batch, seq_len, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
     num_chunks = h_states.shape[2]
-    cfg = _launch_config(max(key_dim, value_dim), q.dtype)
     low = q.dtype != torch.float32
     bd, bdv = _block(key_dim), _block(value_dim)
     prec = _dot_precision(q.dtype)
@@ -213,7 +212,8 @@ def _gka_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
 
 @_gka_chunk.register_fake
 def _(q, k, v, g, alpha, h0, u0, ridge, adaptive, num_iter, scale, chunk_size):
-    return list(_forward_outputs(q, v, g is not None, chunk_size))
+    cfg = _launch_config(max(q.shape[-1], v.shape[-1]), q.dtype)
+    return list(_forward_outputs(q, v, g is not None, chunk_size, cfg))
 
 
 @torch.library.custom_op("lab::gka_chunk_backward", mutates_args=())
