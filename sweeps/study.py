@@ -161,9 +161,9 @@ class LaunchRecord:
         self.study = study
         self.key = f"{LAUNCH_PREFIX}{socket.gethostname()} {os.getpid()} {now}"
         self.started = self.saved = time.perf_counter()
-        self.info = {"host": socket.gethostname(), "started": now, "workers": cfg.workers,
-                     "gpus": sorted(set(placement)), "gpu_names": gpu_names(placement), "stack_lrs": cfg.stack_lrs,
-                     "time_limit": cfg.time_limit}
+        gpus = sorted(set(placement))
+        self.info = {"host": socket.gethostname(), "started": now, "workers": cfg.workers, "gpus": gpus,
+                     "gpu_names": gpu_names(gpus), "stack_lrs": cfg.stack_lrs, "time_limit": cfg.time_limit}
         self.save()
 
     def save(self) -> None:
@@ -175,12 +175,17 @@ class LaunchRecord:
             self.save()
 
 
-def gpu_names(placement: list[str]) -> list[str]:
-    """The models of the GPUs a launch's workers see (the pinned ones, else all of this host's), from nvidia-smi, so
-    that the launcher itself never starts CUDA; none where nvidia-smi is missing or fails (a CPU host)."""
+def gpu_names(gpus: list[str]) -> list[str]:
+    """The models of the GPUs a launch's workers see (the pinned ones; unpinned, those of this shell's
+    CUDA_VISIBLE_DEVICES, else all of this host's), from nvidia-smi, so that the launcher itself never starts CUDA;
+    none where nvidia-smi is missing or fails (a CPU host) or CUDA_VISIBLE_DEVICES hides every GPU."""
+    if not gpus and "CUDA_VISIBLE_DEVICES" in os.environ:
+        gpus = [gpu.strip() for gpu in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
+        if not gpus:
+            return []
     command = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
-    if placement:
-        command.append(f"--id={','.join(sorted(set(placement)))}")
+    if gpus:
+        command.append(f"--id={','.join(sorted(set(gpus)))}")
     try:
         listed = subprocess.run(command, capture_output=True, text=True, timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):

@@ -78,6 +78,12 @@ def test_a_launch_records_its_gpu_models(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     assert gpu_names(["1", "0", "1"]) == ["NVIDIA H200", "NVIDIA H200"]
     assert "--id=0,1" in (fake.parent / "args").read_text()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # unpinned workers see what this shell sees
+    assert gpu_names([]) == ["NVIDIA H200", "NVIDIA H200"]
+    assert "--id=3" in (fake.parent / "args").read_text()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: nothing to name
+    assert gpu_names([]) == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     launch = {"started": "2026-12-06T03:00:00Z", "host": "gpu-1", "workers": 4, "gpus": ["0", "1"],
               "gpu_names": ["NVIDIA H200", "NVIDIA H200"], "seconds": 600.0}
     assert "(4 worker(s), GPUs 0,1, 2x NVIDIA H200): 600 s" in time_section([], [launch])
