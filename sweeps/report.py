@@ -26,7 +26,6 @@ from lab.config import to_dict
 from lab.errors import LabError
 from sweeps.spec import LR_KEY, MEMBER_AXES, VARIANT_KEY, Sweep, cell_key, load_sweep
 from sweeps.study import create_or_load, launches
-from sweeps.worker import run_placement
 
 
 def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = None) -> dict:
@@ -107,7 +106,7 @@ def collect_runs(study: optuna.Study, sweep: Sweep) -> list[dict]:
         if summary_path.is_file():
             config = json.loads(summary_path.read_text())["config"]
         else:
-            config = to_dict(sweep.run_config(attrs["overrides"], **run_placement(sweep, trial.number)))
+            config = to_dict(sweep.run_config(attrs["overrides"], **sweep.trial_placement(trial.number)))
         runs.append({
             "trial": trial.number, "state": trial.state.name.lower(), "overrides": attrs["overrides"],
             "cell": attrs.get("cell", ""), "lr": attrs["overrides"].get(LR_KEY, config.get("trainer", {}).get("lr")),

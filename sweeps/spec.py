@@ -150,6 +150,11 @@ class Sweep:
         dotlist = [f"{key}={yaml_value(value)}" for key, value in items.items()]
         return load_config([], dotlist, base=self.run)
 
+    def trial_placement(self, number: int) -> dict[str, Any]:
+        """Where trial `number` trains, on this host: runs/<study>/trial-<number>/, never over an existing run."""
+        return {"experiment": self.cfg.study, "run_name": f"trial-{number}", "runs_dir": self.runs_dir,
+                "overwrite": False, "trainer.progress": "plain"}
+
     def describe(self, overrides: dict[str, Any]) -> str:
         """A short label for a run: `gka_full d_model=64 lr=0.001`: set labels, then the other axes' values."""
         sets = self.set_axes

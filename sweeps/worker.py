@@ -133,14 +133,8 @@ def describe_trial(trial: optuna.Trial, sweep: Sweep) -> tuple[dict, str | None]
     return overrides, _same_run(trial.study, trial.number, run_key)
 
 
-def run_placement(sweep: Sweep, number: int) -> dict:
-    """Where trial `number` trains, on this host: runs/<study>/trial-<number>/, never over an existing run."""
-    return {"experiment": sweep.cfg.study, "run_name": f"trial-{number}", "runs_dir": sweep.runs_dir,
-            "overwrite": False, "trainer.progress": "plain"}
-
-
 def trial_run(sweep: Sweep, number: int, overrides: dict, threads: int):
-    placement = run_placement(sweep, number)
+    placement = sweep.trial_placement(number)
     if not sweep.base_flat["trainer.num_threads"] and "trainer.num_threads" not in overrides:
         placement["trainer.num_threads"] = threads  # workers share the cores instead of each taking all
     return sweep.run_config(overrides, **placement)
