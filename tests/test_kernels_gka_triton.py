@@ -96,6 +96,34 @@ def test_triton_matches_torch_implicit_backward(num_iter):
         assert rel_err(fast[name], slow[name]) < 1e-4, name
 
 
+CG_CASES = {
+    # name: (seq_len, make_inputs options, gka options)
+    "cg30-state-chunk32": (100, {"initial_state": True}, {"num_iter": 30, "chunk_size": 32}),
+    "cg5-T-odd-chunk64": (130, {"key_dim": 33, "value_dim": 17}, {"num_iter": 5}),
+    "cg30-batch2-D16-constant": (45, {"batch": 2, "key_dim": 16, "value_dim": 16, "initial_state": True},
+                                 {"num_iter": 30, "chunk_size": 16, "ridge_mode": "constant", "ridge_ratio": 1.0}),
+    "cg1-no-gate-no-alpha": (70, {"gates": None, "alpha": False}, {"num_iter": 1, "chunk_size": 16}),
+}
+
+
+@pytest.mark.parametrize("case", list(CG_CASES))
+def test_cg_matches_torch_implicit_backward_and_reference(case):
+    # solver="cg" (MesaNet's): the Triton kernels against the float64 torch path with its implicit backward (the
+    # same mathematics: a second CG solve), every output and gradient; the forward against the reference.
+    seq_len, input_options, options = CG_CASES[case]
+    inputs = make_inputs(zlib.crc32(case.encode()), seq_len, **input_options)
+    fast = outputs_and_grads(inputs, torch.float32, backend="triton", solver="cg", **options)
+    slow = outputs_and_grads(inputs, torch.float64, backend="torch", solver="cg", **options)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert torch.isfinite(fast[name]).all(), name
+        assert rel_err(fast[name], slow[name]) < 1e-4, name
+    options.pop("chunk_size", None)
+    reference = outputs_and_grads(inputs, torch.float64, backend="reference", solver="cg", **options)
+    for name in ("o", "H_T", "U_T"):
+        assert rel_err(fast[name], reference[name]) < 1e-4, name
+
+
 @pytest.mark.parametrize("num_iter", [0, 1, 64])
 def test_any_num_iter_forward_and_dq(num_iter):
     # Forward is the same polynomial for every num_iter; so is dq = p(A) dx. dk, dv, dg are the implicit
@@ -156,9 +184,9 @@ def test_dispatch():
     q = torch.randn(1, 8, 1, 16)
     k = torch.nn.functional.normalize(torch.randn(1, 8, 1, 16), dim=-1)
     v = torch.randn(1, 8, 1, 16)
-    with pytest.warns(UserWarning, match="backend='triton' does not take solver='cg'"):
-        cg = gka(q, k, v, solver="cg", num_iter=5, backend="triton")
-    assert torch.allclose(cg, gka(q, k, v, solver="cg", num_iter=5, backend="torch"))
+    with pytest.warns(UserWarning, match="backend='triton' does not take solver='exact'"):
+        exact = gka(q, k, v, solver="exact", backend="triton")
+    assert torch.allclose(exact, gka(q, k, v, solver="exact", backend="torch"))
     with pytest.warns(UserWarning, match="chunk_size=48"):
         gka(q, k, v, chunk_size=48, backend="triton")
     with pytest.warns(UserWarning, match="implicit_backward=False"):
@@ -224,7 +252,7 @@ def test_torch_compile_keeps_one_graph(gated):
     options = {"num_iter": 30, "chunk_size": 16, "backend": "triton"}
     qkv = [a.clone().requires_grad_() for a in args[:3]]
     gates = args[3:5] if gated else [None, None]
-    torch.library.opcheck(_gka_chunk, (*qkv, *gates, *args[-2:], 0.02, True, 30, 0.25, 16))
+    torch.library.opcheck(_gka_chunk, (*qkv, *gates, *args[-2:], 0.02, True, False, 30, 0.25, 16))
 
     def layer(q, k, v, *rest):
         g, alpha = rest[:2] if gated else (None, None)

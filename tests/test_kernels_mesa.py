@@ -1,6 +1,6 @@
-"""mesa: kernels.gka on diagonally rescaled inputs (the torch path) vs the token-by-token float64 reference
-with an explicit per-channel ridge, forward and gradients (including the ridge's); exact solves; state
-carrying; argument errors."""
+"""mesa: kernels.gka on diagonally rescaled inputs (the torch path, and the Triton CG kernels under the
+interpreter) vs the token-by-token float64 reference with an explicit per-channel ridge, forward and gradients
+(including the ridge's); exact solves; state carrying; argument errors."""
 
 import pytest
 import torch
@@ -57,7 +57,8 @@ def outputs_and_grads(inputs, backend, **kwargs):
                                    ridge=inputs["ridge"], initial_state=initial_state, output_final_state=True,
                                    backend=backend, **kwargs)
     gen = torch.Generator().manual_seed(1234)
-    loss = sum((x * torch.randn(x.shape, generator=gen, dtype=x.dtype)).sum() for x in (o, key_cov, value_key))
+    loss = sum((x.double() * torch.randn(x.shape, generator=gen, dtype=torch.float64)).sum()
+               for x in (o, key_cov, value_key))
     leaves = {f"d{name}": x for name, x in inputs.items() if x is not None}
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return {"o": o, "H_T": key_cov, "U_T": value_key, **dict(zip(leaves, grads, strict=True))}
@@ -86,6 +87,34 @@ def test_torch_matches_reference(seq_len, chunk_size, solver, num_iter, gates, i
     for name in fast:
         assert fast[name].dtype == torch.float64
         assert rel_err(fast[name], slow[name]) < tolerance, f"seed {seed}: {name}"
+
+
+@pytest.mark.parametrize(
+    "seq_len, chunk_size, key_dim, value_dim, num_iter, gates, initial_state",
+    [
+        (45, 16, 5, 3, 30, "mixed", True),  # T not a multiple of the chunk, odd head dims, converged CG
+        (70, 32, 16, 24, 4, None, False),  # CG stopped early, no gates
+        (1, 64, 8, 8, 30, "mixed", True),  # T = 1
+    ],
+)
+def test_triton_matches_torch_and_reference(seq_len, chunk_size, key_dim, value_dim, num_iter, gates,
+                                            initial_state):
+    # The Triton CG kernels (fp32 under the interpreter) against the float64 torch path, both with the implicit
+    # backward (a second CG solve), and the forward against the float64 token-by-token reference.
+    seed = fresh_seed()
+    inputs = make_inputs(seed, seq_len, key_dim=key_dim, value_dim=value_dim, gates=gates,
+                         initial_state=initial_state)
+    single = {n: None if x is None else x.detach().float().requires_grad_() for n, x in inputs.items()}
+    options = {"solver": "cg", "num_iter": num_iter, "chunk_size": chunk_size}
+    fast = outputs_and_grads(single, "triton", **options)
+    slow = outputs_and_grads(inputs, "torch", **options)
+    reference = outputs_and_grads(inputs, "reference", solver="cg", num_iter=num_iter)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert fast[name].dtype == torch.float32 and torch.isfinite(fast[name]).all(), f"seed {seed}: {name}"
+        assert rel_err(fast[name].double(), slow[name]) < 1e-4, f"seed {seed}: {name}"
+    for name in ("o", "H_T", "U_T"):
+        assert rel_err(fast[name].double(), reference[name]) < 1e-4, f"seed {seed}: {name}"
 
 
 @pytest.mark.parametrize("implicit_backward", [True, False])
@@ -124,7 +153,7 @@ def test_state_carries_across_calls():
     "kwargs, message",
     [
         ({"solver": "chebyshev"}, "mesa: unknown solver 'chebyshev'; allowed: 'cg', 'exact'"),
-        ({"backend": "triton"}, "mesa: unknown backend 'triton'"),
+        ({"backend": "cuda"}, "mesa: unknown backend 'cuda'; allowed: 'auto', 'torch', 'triton', 'reference'"),
         ({"num_iter": -1}, "mesa: num_iter must be >= 0, got -1"),
         ({"ridge": torch.ones(3)}, r"mesa: ridge has shape \(3,\), expected \[H, Dk\] = \(3, 8\)"),
         ({"beta": torch.ones(2, 5)}, r"mesa: beta has shape \(2, 5\), expected \[B, T, H\]"),

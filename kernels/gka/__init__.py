@@ -53,7 +53,7 @@ def gka(
         initial_state: (H_0 [B, H, Dk, Dk], U_0 [B, H, Dv, Dk]) or None (zeros).
         output_final_state: also return (H_T, U_T).
         backend: "torch" (chunk-wise parallel, autograd backward), "triton" (chunk-wise kernels with
-            the implicit-differentiation backward; chebyshev only, chunk_size 16/32/64, fp32/fp16/bf16,
+            the implicit-differentiation backward; chebyshev or cg, chunk_size 16/32/64, fp32/fp16/bf16,
             head dims <= 128, implicit_backward; other options fall back to "torch" with a warning),
             "reference" (token loop, the test oracle), or "auto" ("triton" for CUDA tensors it
             supports, else "torch").
@@ -111,7 +111,6 @@ def gka(
         if not implicit_backward:
             reason = "implicit_backward=False (its backward is always implicit)"
         if reason is None:
-            del options["solver"]
             return triton_gka(q, k, v, g, alpha, chunk_size=chunk_size, **options)
         if backend == "triton":
             warnings.warn(f"gka: backend='triton' does not take {reason}; using the torch path", stacklevel=2)

@@ -10,8 +10,9 @@
    its own process (`--case N` runs one; GKA_GPU_CHECK_OVERRIDES='{"key": value}' sets launch settings).
 2. Safety: zero keys, a decay of exactly 1 (g = 0) and g = -30 (decay ~1e-13) over 32k tokens, bf16:
    outputs and grads must be finite.
-3. Smoke: 3 AdamW steps of a 2-layer gka LM (bf16 autocast) through backend "auto" on CUDA, counting
-   the calls that reached the triton kernels.
+   Also solver="cg" with a constant ridge (MesaNet's solve, which kernels.mesa hands to these kernels).
+3. Smoke: 3 AdamW steps of a 2-layer gka LM and of a mesanet LM (bf16 autocast) through backend "auto" on
+   CUDA, counting the calls that reached the triton kernels.
 
 Prints a table and writes gpu_check.json to $OUT (if set). Exit status 1 if a check failed.
 """
@@ -63,7 +64,7 @@ def make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state=F
     return inputs
 
 
-def outputs_and_grads(inputs, dtype, backend, num_iter=30):
+def outputs_and_grads(inputs, dtype, backend, num_iter=30, **options):
     leaves = {n: x.detach().to(dtype if n in "qkv" else torch.float32 if dtype != torch.float64 else dtype)
               for n, x in inputs.items() if x is not None}
     for x in leaves.values():
@@ -71,7 +72,7 @@ def outputs_and_grads(inputs, dtype, backend, num_iter=30):
     state = (leaves["H_0"], leaves["U_0"]) if "H_0" in leaves else None
     o, (h_final, u_final) = gka(
         leaves["q"], leaves["k"], leaves["v"], leaves.get("g"), leaves.get("alpha"),
-        initial_state=state, output_final_state=True, num_iter=num_iter, backend=backend,
+        initial_state=state, output_final_state=True, num_iter=num_iter, backend=backend, **options,
     )
     gen = torch.Generator(device=o.device).manual_seed(99)
     loss = sum((x.double() * torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float64)).sum()
@@ -85,28 +86,30 @@ def round_to(inputs, dtype):
     return {n: x.to(dtype).double() if n in ("q", "k", "v") else x for n, x in inputs.items()}
 
 
-def check_accuracy(shape, dtype, seed, initial_state=False, num_iter=30, gated=True):
+def check_accuracy(shape, dtype, seed, initial_state=False, num_iter=30, gated=True, cg=False):
     """Against float64 on the same (dtype-rounded) q, k, v: the kernel's own error. The rounding of the
     inputs alone moves o by ~3e-3 in bf16 (conditioning up to 51), reported as "o_vs_unrounded".
-    gated=False: no decay and no alpha-connection (g = alpha = None), the ablation's "plain" layer."""
+    gated=False: no decay and no alpha-connection (g = alpha = None), the ablation's "plain" layer.
+    cg: MesaNet's solve (kernels.mesa): CG with the constant ridge 1 of its rescaled system at initialisation."""
+    options = {"solver": "cg", "ridge_mode": "constant", "ridge_ratio": 1.0} if cg else {}
     batch, seq_len, heads, key_dim, value_dim = shape
     inputs = round_to(make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state, gated=gated), dtype)
-    ref = outputs_and_grads(inputs, torch.float64, "torch", num_iter)
-    out = outputs_and_grads(inputs, dtype, "triton", num_iter)
+    ref = outputs_and_grads(inputs, torch.float64, "torch", num_iter, **options)
+    out = outputs_and_grads(inputs, dtype, "triton", num_iter, **options)
     errors = {name: rel_err(out[name], ref[name]) for name in ref}
     unrounded = make_inputs(batch, seq_len, heads, key_dim, value_dim, seed, initial_state, gated=gated)
     with torch.no_grad():
         args = [unrounded[n] for n in ("q", "k", "v", "g", "alpha")]
         state = None if unrounded["H_0"] is None else (unrounded["H_0"], unrounded["U_0"])
-        o_exact = gka(*args, initial_state=state, num_iter=num_iter, backend="torch")
+        o_exact = gka(*args, initial_state=state, num_iter=num_iter, backend="torch", **options)
     extra = {"o_vs_unrounded": rel_err(out["o"], o_exact)}
     finite = all(torch.isfinite(x).all().item() for x in out.values())
     tol = TOL[dtype]
     ok = finite and all(err < (tol["fwd"] if name in ("o", "H_T", "U_T") else tol["grad"])
                         for name, err in errors.items())
-    return {"check": "accuracy" if gated else "accuracy-plain", "shape": "x".join(map(str, shape)),
-            "dtype": str(dtype).split(".")[-1], "num_iter": num_iter, "initial_state": initial_state,
-            "errors": errors | extra, "finite": finite, "ok": ok}
+    return {"check": ("accuracy" if gated else "accuracy-plain") + ("-cg" if cg else ""),
+            "shape": "x".join(map(str, shape)), "dtype": str(dtype).split(".")[-1], "num_iter": num_iter,
+            "initial_state": initial_state, "errors": errors | extra, "finite": finite, "ok": ok}
 
 
 # The shapes the lab's sweeps train at: mqar_paper's d_model 32..256 over 2 heads (head dims 16..128), L up to
@@ -189,11 +192,12 @@ def check_extremes(seq_len=32768, heads=2, dim=128):
     return rows
 
 
-def check_mixer_smoke(steps=3):
-    """3 AdamW steps of a 2-layer gka LM on random tokens, bf16 autocast, backend "auto"."""
+def check_mixer_smoke(model="gka", steps=3):
+    """3 AdamW steps of a 2-layer gka (or mesanet: CG) LM on random tokens, bf16 autocast, backend "auto"."""
     from kernels.gka import triton as gka_triton
     from lab.models import build_model
     from lab.models.gka import GKAConfig
+    from lab.models.mesanet import MesaNetConfig
 
     calls = {"n": 0}
     original = gka_triton.triton_gka
@@ -205,7 +209,7 @@ def check_mixer_smoke(steps=3):
     gka_triton.triton_gka = counted
     try:
         torch.manual_seed(0)
-        cfg = GKAConfig(d_model=256, num_layers=2, num_heads=2)
+        cfg = (GKAConfig if model == "gka" else MesaNetConfig)(d_model=256, num_layers=2, num_heads=2)
         model = build_model(cfg, vocab_size=512).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         tokens = torch.randint(0, 512, (4, 1025), device="cuda")
@@ -222,7 +226,7 @@ def check_mixer_smoke(steps=3):
     finally:
         gka_triton.triton_gka = original
     ok = grads_finite and all(math.isfinite(x) and abs(x) < 1e4 for x in losses) and calls["n"] >= steps * 2
-    return {"check": "mixer-smoke", "losses": losses, "triton_calls": calls["n"], "grads_finite": grads_finite,
+    return {"check": "mixer-smoke" if model == "gka" else f"{model}-smoke", "losses": losses, "triton_calls": calls["n"], "grads_finite": grads_finite,
             "ok": ok}
 
 
@@ -241,14 +245,19 @@ def main(argv=None):
     results.append(check_accuracy((2, 2048, 4, 128, 128), torch.float32, seed=3, num_iter=10))
     results.append(check_accuracy((1, 1000, 2, 96, 80), torch.float16, seed=13, initial_state=True))
     results.extend(check_isolated(i) for i in range(len(LAB_CASES) if not quick else 2))
+    # MesaNet's CG (kernels.mesa runs on these kernels on a GPU): its mqar_paper head dims, and fp32
+    results.append(check_accuracy((1, 1000, 2, 96, 80), torch.float32, seed=17, initial_state=True, cg=True))
+    for shape in ((8, 300, 2, 64, 64), (8, 300, 2, 128, 128), (64, 128, 2, 16, 16)):
+        results.append(check_accuracy(shape, torch.bfloat16, seed=19, cg=True))
     results.append(check_token_reference((1, 512, 2, 128, 128), torch.float32, seed=4))
     results.append(check_token_reference((1, 512, 2, 128, 128), torch.bfloat16, seed=4))
     if not quick:
         results.extend(check_extremes())
-    try:
-        results.append(check_mixer_smoke())
-    except ImportError as error:  # lab needs omegaconf
-        results.append({"check": "mixer-smoke", "ok": False, "error": repr(error)})
+    for model in ("gka", "mesanet"):
+        try:
+            results.append(check_mixer_smoke(model))
+        except ImportError as error:  # lab needs omegaconf
+            results.append({"check": f"{model}-smoke", "ok": False, "error": repr(error)})
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": time.time() - start}
     out = os.environ.get("OUT")

@@ -16,7 +16,7 @@ from ..common import check_choice, check_qkvg, check_shape, compute_dtype
 from ..gka import gka
 from .reference import reference_mesa
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "torch", "triton", "reference")
 SOLVERS = ("cg", "exact")
 
 
@@ -51,7 +51,8 @@ def mesa(
         ridge: [H, Dk] per-head, per-channel ridge lam > 0 (constant over time).
         num_iter: CG steps from x = 0 (ignored by solver="exact").
         scale: defaults to Dk ** -0.5 (MesaNet's layer uses 1).
-        chunk_size, backend: as in `gka`; "torch" runs kernels.gka on the rescaled inputs.
+        chunk_size, backend: as in `gka`, which runs on the rescaled inputs ("auto": its Triton kernels, CG
+            included, for CUDA tensors they take, else its torch path).
         implicit_backward: as in `gka`: the CG gradient by implicit differentiation (a second CG solve,
             as MesaNet trains; exact only once CG has converged); False = autograd through the CG steps,
             which is what "reference" differentiates.
@@ -90,7 +91,7 @@ def mesa(
         initial_state = (key_cov / (root[:, :, None] * root[:, None, :]), value_key / root[:, None, :])
     result = gka(
         queries, keys, values, g, None, ridge_ratio=1.0, ridge_mode="constant", chunk_size=chunk_size,
-        initial_state=initial_state, backend="torch", implicit_backward=implicit_backward, **options,
+        initial_state=initial_state, backend=backend, implicit_backward=implicit_backward, **options,
     )
     if not output_final_state:
         return result.to(q.dtype)

@@ -1,12 +1,13 @@
 """Triton backend of `kernels.gka`: chunk-wise forward and implicit-differentiation backward (GKA.md).
 
-`triton_gka` has the contract of `chunk_gka` for solver="chebyshev" and q, k, v in fp32, fp16 or bf16
-(fp32 accumulation and state). The backward stores no iterates: it keeps the solution x [B, T, H, Dk]
-(fp32), the per-token norms ||H_t||_F and the chunk-start states, and runs a second Chebyshev solve on
-the incoming gradient. For Chebyshev the gradient with respect to q is exact for any num_iter (x is a
-fixed polynomial of A times q); the gradient through H_t and lam_t is that of the exact solve, so it
+`triton_gka` has the contract of `chunk_gka` for solver="chebyshev" or "cg" and q, k, v in fp32, fp16 or
+bf16 (fp32 accumulation and state). The backward stores no iterates: it keeps the solution x [B, T, H, Dk]
+(fp32), the per-token norms ||H_t||_F and the chunk-start states, and runs a second solve (the forward's
+solver) on the incoming gradient. For Chebyshev the gradient with respect to q is exact for any num_iter
+(x is a fixed polynomial of A times q); the gradient through H_t and lam_t is that of the exact solve, so it
 matches autograd through the unrolled iteration once the iteration has converged (num_iter ~ 30 for
-ridge_ratio = 0.02), not for a handful of steps.
+ridge_ratio = 0.02), not for a handful of steps. CG (MesaNet's solver, kernels.mesa) gets the same implicit
+gradient as the torch path's implicit_backward: exact once CG has converged.
 
 Under CUDA autocast, q, k and v are cast to the autocast dtype (F.normalize hands fp32 q, k to a bf16
 layer there), so a mixer trained with bf16 autocast runs the bf16 kernels.
@@ -29,6 +30,7 @@ from . import kernels as K
 # Plain tf32 left o 3e-3 from float64 at 2 x 2048 x 4 x 128 (H200); fp32 is the accuracy path, so x3.
 FP32_DOT_PRECISION = "tf32x3"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SOLVERS = ("chebyshev", "cg")
 MAX_HEAD_DIM = 128
 CHUNK_SIZES = (16, 32, 64)
 FP32_CHUNK_SIZE = 32  # the chunk the GPU kernels use for fp32 inputs (see triton_gka)
@@ -45,8 +47,8 @@ def unsupported_reason(q, v, *, solver, chunk_size) -> str | None:
     state_numel = batch * heads * chunks * key_dim * max(key_dim, v.shape[-1])
     if max(q.numel(), v.numel(), state_numel) >= 2**31:
         return "tensors of 2**31 elements or more (the kernels index with int32)"
-    if solver != "chebyshev":
-        return f"solver={solver!r} (the triton backend runs chebyshev only)"
+    if solver not in SOLVERS:
+        return f"solver={solver!r} (the triton backend runs {' and '.join(SOLVERS)})"
     if chunk_size not in CHUNK_SIZES:
         return f"chunk_size={chunk_size} (the triton backend takes {CHUNK_SIZES})"
     if q.dtype not in SUPPORTED_DTYPES:
@@ -174,7 +176,7 @@ def _forward_outputs(q, v, has_g, chunk_size, cfg):
 @torch.library.custom_op("lab::gka_chunk", mutates_args=())
 def _gka_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                alpha: torch.Tensor | None, h0: torch.Tensor | None, u0: torch.Tensor | None, ridge: float,
-               adaptive: bool, num_iter: int, scale: float, chunk_size: int) -> list[torch.Tensor]:
+               adaptive: bool, cg: bool, num_iter: int, scale: float, chunk_size: int) -> list[torch.Tensor]:
     batch, seq_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     cfg = _launch_config(max(key_dim, value_dim), q.dtype)
@@ -204,14 +206,14 @@ def _gka_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
         seq_len, heads, num_chunks, key_dim, value_dim, float(scale), float(ridge), int(num_iter),
         ADAPTIVE=adaptive, HAS_G=g32 is not None, HAS_ALPHA=a32 is not None,
         C=chunk_size, BD=bd, BDV=bdv, DOT_PREC=prec, INTERPRET=interpreting(),
-        HALVES=_halves(bd, cfg) and not cfg["solver_fold"], READ_SPLIT=cfg["read_split"] and low,
-        FOLD=cfg["solver_fold"], num_warps=cfg["fwd_warps"],
+        HALVES=_halves(bd, cfg) and not cfg["solver_fold"] and not cg, READ_SPLIT=cfg["read_split"] and low,
+        FOLD=cfg["solver_fold"], CG=cg, num_warps=cfg["fwd_warps"],
     )
     return list(outputs)
 
 
 @_gka_chunk.register_fake
-def _(q, k, v, g, alpha, h0, u0, ridge, adaptive, num_iter, scale, chunk_size):
+def _(q, k, v, g, alpha, h0, u0, ridge, adaptive, cg, num_iter, scale, chunk_size):
     cfg = _launch_config(max(q.shape[-1], v.shape[-1]), q.dtype)
     return list(_forward_outputs(q, v, g is not None, chunk_size, cfg))
 
@@ -221,7 +223,7 @@ def _gka_chunk_backward(do: torch.Tensor | None, dh_final: torch.Tensor | None, 
                         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                         alpha: torch.Tensor | None, h_states: torch.Tensor, u_states: torch.Tensor, x: torch.Tensor,
                         norm: torch.Tensor, stats: torch.Tensor, decay: torch.Tensor, ridge: float, adaptive: bool,
-                        num_iter: int, scale: float, chunk_size: int) -> list[torch.Tensor]:
+                        cg: bool, num_iter: int, scale: float, chunk_size: int) -> list[torch.Tensor]:
     """dq, dk, dv (q's dtype), dg, dalpha (their inputs' dtypes; [0] where absent), dh0, du0 (fp32)."""
     q, k, v, g32, a32 = _operands(q, k, v, g, alpha)
     decay = decay if g32 is not None else None
@@ -271,8 +273,8 @@ def _gka_chunk_backward(do: torch.Tensor | None, dh_final: torch.Tensor | None, 
         k, gp, h_states, norm, dx, dq_direct, dq, y,
         seq_len, heads, num_chunks, key_dim, float(ridge), int(num_iter),
         ADAPTIVE=adaptive, HAS_G=has_g, HAS_ALPHA=a32 is not None, C=chunk_size, BD=bd, DOT_PREC=prec,
-        INTERPRET=interpreting(), HALVES=halves and not cfg["solver_fold"], FOLD=cfg["solver_fold"],
-        num_warps=cfg["bwd_warps"],
+        INTERPRET=interpreting(), HALVES=halves and not cfg["solver_fold"] and not cg, FOLD=cfg["solver_fold"],
+        CG=cg, num_warps=cfg["bwd_warps"],
     )
     for part in (1, 2):
         K._gka_bwd_grads[grid](
@@ -303,7 +305,7 @@ def _gka_chunk_backward(do: torch.Tensor | None, dh_final: torch.Tensor | None, 
 
 @_gka_chunk_backward.register_fake
 def _(do, dh_final, du_final, q, k, v, g, alpha, h_states, u_states, x, norm, stats, decay, ridge, adaptive,
-      num_iter, scale, chunk_size):
+      cg, num_iter, scale, chunk_size):
     batch, _, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     f32 = {"device": q.device, "dtype": torch.float32}
@@ -335,7 +337,7 @@ def _grads(ctx, grads):
     g_dtype, a_dtype, h0_dtype, u0_dtype = ctx.input_dtypes
     return (dq, dk, dv, None if g_dtype is None else dg, None if a_dtype is None else dalpha,
             None if h0_dtype is None else dh0.to(h0_dtype), None if u0_dtype is None else du0.to(u0_dtype),
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 def _vmap(info, in_dims, q, k, v, g, alpha, h0, u0, *options):
@@ -364,11 +366,12 @@ def triton_gka(
     ridge_mode,
     num_iter,
     scale,
+    solver="chebyshev",
     chunk_size=64,
     initial_state=None,
     output_final_state=False,
 ):
-    """Same contract as `chunk_gka` with solver="chebyshev" (check `unsupported_reason` first)."""
+    """Same contract as `chunk_gka` with solver "chebyshev" or "cg" (check `unsupported_reason` first)."""
     h0, u0 = (None, None) if initial_state is None else initial_state
     if q.is_cuda and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
@@ -379,7 +382,7 @@ def triton_gka(
         # The chunk size changes only the order of the sums, not the function.
         chunk_size = min(chunk_size, FP32_CHUNK_SIZE)
     o, h_final, u_final = _gka_chunk(
-        q, k, v, g, alpha, h0, u0, float(ridge_ratio), ridge_mode == "adaptive", int(num_iter), float(scale),
-        int(chunk_size),
+        q, k, v, g, alpha, h0, u0, float(ridge_ratio), ridge_mode == "adaptive", solver == "cg", int(num_iter),
+        float(scale), int(chunk_size),
     )[:3]
     return (o, (h_final, u_final)) if output_final_state else o

@@ -3,7 +3,7 @@
     TRITON_INTERPRET=0 python -m kernels.gka.triton._compile_check [bf16|fp32] [solver num_warps] [D] [kernels]
 
 (fp32 wants GKA_C=32 GKA_PREC=tf32x3, as the GPU path runs it.) Launch settings: GKA_FOLD=0 (solver_fold off: the
-v10 solver), GKA_CONTRIB_HALVES=1 (contrib_halves).
+v10 solver), GKA_CONTRIB_HALVES=1 (contrib_halves), GKA_CG=1 (the CG solver, MesaNet's).
 """
 
 import os
@@ -68,7 +68,8 @@ def main(argv=None):
     low = dtype != "fp32"
     fold = os.environ.get("GKA_FOLD", "1") == "1"
     halves = dim >= 128  # _halves at the default halves_from
-    solver = {"HALVES": halves and not fold, "FOLD": fold}
+    cg = os.environ.get("GKA_CG") == "1"
+    solver = {"HALVES": halves and not fold and not cg, "FOLD": fold, "CG": cg}
     jobs = [
         (K._gka_fwd_chunk, {**chunk, **flags, **solver, "BDV": dim, "ADAPTIVE": True, "INTERPRET": False,
                             "READ_SPLIT": low}, warps),

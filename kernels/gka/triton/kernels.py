@@ -10,10 +10,10 @@ states at the chunk start:
 
 Launches, forward:  _chunk_contrib   (each chunk's own contribution to the next start states; chunk-parallel)
                     _state_scan_elem (an exclusive scan over the chunks of those, in place: the start states)
-                    _gka_fwd_chunk   (norms, Chebyshev solve, alpha-connection, readout; chunk-parallel)
+                    _gka_fwd_chunk   (norms, Chebyshev or CG solve, alpha-connection, readout; chunk-parallel)
 backward:           _gka_bwd_readout (two launches: readout and alpha grads, the right-hand side of the second
                                       solve; then dV, dK and the chunk's dU0 contribution; chunk-parallel)
-                    _gka_bwd_solve   (the second Chebyshev solve; chunk-parallel)
+                    _gka_bwd_solve   (the second solve, with the forward's solver; chunk-parallel)
                     _gka_bwd_grads   (two launches: the grads through A and lam; then the chunk's dH0 contribution)
                     _state_scan_elem (reverse-time sum of those contributions, elementwise over the states)
                     _gka_bwd_carry   (what the carried state gradients give k, v, g; reverse cumsum of dG)
@@ -29,6 +29,8 @@ import triton.language as tl
 
 # Zero-key convention shared with the torch paths (solvers.NORM_EPS_SQ).
 NORM_EPS_SQ = tl.constexpr(1e-12)
+# Guards CG's divisions, so a zero right-hand side (a padded token) gives x = 0 (solvers.CG_EPS).
+CG_EPS = tl.constexpr(1e-30)
 
 
 @triton.jit
@@ -202,6 +204,45 @@ def _cheb_halves(rhs_a, rhs_b, Ka, Kb, Haa, Hab, Hba, Hbb, M, E, lam, upper, num
                                                           Ka, Kb, Haa, Hab, Hba, Hbb, M, E, DOT_PREC,
                                                           ASM)
     return xa, xb
+
+
+@triton.jit
+def _cg_step(pd, p, x, r, rr, H0T, K, M, E, lam, DOT_PREC: tl.constexpr, ASM: tl.constexpr):
+    """One step of _cg. E goes into the H0 product's operand and lam p into its accumulator (as _fold_step)."""
+    ap = tl.dot(_to_dot(E[:, None] * p, K.dtype, ASM), H0T, acc=lam[:, None] * p, input_precision=DOT_PREC)
+    xs = (tl.dot(pd, tl.trans(K), input_precision=DOT_PREC) * M).to(K.dtype)
+    ap = tl.dot(xs, K, acc=ap, input_precision=DOT_PREC)
+    step = rr / (tl.sum(p * ap, 1) + CG_EPS)
+    x += step[:, None] * p
+    r -= step[:, None] * ap
+    rr_next = tl.sum(r * r, 1)
+    pd = _to_dot(r + (rr_next / (rr + CG_EPS))[:, None] * p, K.dtype, ASM)
+    return pd, _to_f32(pd, ASM), x, r, rr_next
+
+
+@triton.jit
+def _cg(rhs, H0T, K, M, E, lam, num_iter, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """num_iter conjugate-gradient steps for A x = rhs from x = 0, one per token (row): the iterates of
+    solvers.conjugate_gradient (MesaNet's solver; its step sizes are per-row inner products, so unlike Chebyshev
+    it needs no spectral bounds). The direction p is rounded to the dot dtype once a step and then used rounded
+    everywhere (the products, x and the residual), so x and r stay consistent (r = rhs - A x up to the masked
+    scores' rounding) and the rounding only perturbs the next direction. x, r fp32.
+    """
+    ASM: tl.constexpr = (not INTERPRET) and K.dtype == tl.bfloat16  # packed conversions (_to_dot, _to_f32)
+    r = rhs.to(tl.float32)
+    x = tl.zeros_like(r)
+    pd = _to_dot(r, K.dtype, ASM)
+    p = _to_f32(pd, ASM)
+    rr = tl.sum(r * r, 1)
+    if INTERPRET:
+        i = 0
+        while i < num_iter:
+            pd, p, x, r, rr = _cg_step(pd, p, x, r, rr, H0T, K, M, E, lam, DOT_PREC, ASM)
+            i += 1
+    else:
+        for _ in range(num_iter):
+            pd, p, x, r, rr = _cg_step(pd, p, x, r, rr, H0T, K, M, E, lam, DOT_PREC, ASM)
+    return x
 
 
 @triton.jit
@@ -411,11 +452,11 @@ def _gka_fwd_chunk(
     T, H, N, D, DV, scale, ridge, num_iter,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
-    HALVES: tl.constexpr, READ_SPLIT: tl.constexpr = False, FOLD: tl.constexpr = False,
+    HALVES: tl.constexpr, READ_SPLIT: tl.constexpr = False, FOLD: tl.constexpr = False, CG: tl.constexpr = False,
 ):
-    """One chunk of one (batch, head): norms, Chebyshev solve, alpha-connection, readout. Grid (N, B * H).
-    Without HALVES (BD < 32, or FOLD): full-width tiles, the solver on the H0 tile the norms loaded (FOLD: the
-    _fold_step form that accumulates both products into u)."""
+    """One chunk of one (batch, head): norms, Chebyshev (CG: conjugate-gradient) solve, alpha-connection, readout.
+    Grid (N, B * H). Without HALVES (BD < 32, FOLD or CG): full-width tiles, the solver on the H0 tile the norms
+    loaded (FOLD: the _fold_step form that accumulates both products into u)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -477,8 +518,11 @@ def _gka_fwd_chunk(
         out = tl.dot(scores.to(dt), V, acc=out, input_precision=DOT_PREC)
     else:
         Q = _load(_tile(q, b, h, n, T, H, D, C, BD)).to(tl.float32)
-        X = _cheb_resid(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET,
-                        FOLD)
+        if CG:
+            X = _cg(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, num_iter, DOT_PREC, INTERPRET)
+        else:
+            X = _cheb_resid(Q, tl.trans(H0).to(K.dtype), K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET,
+                            FOLD)
         if FOLD:  # as in _gka_bwd_solve: the tiles after the loop addressed through an opaque zero
             n = n + tl.program_id(2)
             t = n * C + tl.arange(0, C)
@@ -658,10 +702,10 @@ def _gka_bwd_solve(
     T, H, N, D, ridge, num_iter,
     ADAPTIVE: tl.constexpr, HAS_G: tl.constexpr, HAS_ALPHA: tl.constexpr,
     C: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr, HALVES: tl.constexpr,
-    FOLD: tl.constexpr = False,
+    FOLD: tl.constexpr = False, CG: tl.constexpr = False,
 ):
-    """The second Chebyshev solve Y = A^{-1} dx (forward's bounds): writes Y (for _gka_bwd_grads) and
-    dq = (1 - alpha) dqt + Y. Nothing but the solver is live here (the grads are a separate launch), so
+    """The second solve Y = A^{-1} dx (Chebyshev with the forward's bounds, or CG): writes Y (for _gka_bwd_grads)
+    and dq = (1 - alpha) dqt + Y. Nothing but the solver is live here (the grads are a separate launch), so
     the solver loop keeps its registers. Grid (N, B * H). FOLD (without HALVES): _fold_step's form.
     """
     n, bh, b, h, t, tmask = _chunk_ids(T, H, C)
@@ -689,7 +733,10 @@ def _gka_bwd_solve(
         K = _load(_tile(k, b, h, n, T, H, D, C, BD))
         H0T = tl.trans(_load(_state(h_states, bh, n, N, D, D, BD, BD))).to(K.dtype)
         dx = _load(_tile(dx_in, b, h, n, T, H, D, C, BD))
-        Y = _cheb_resid(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET, FOLD)
+        if CG:
+            Y = _cg(dx, H0T, K, M, E, lam, num_iter, DOT_PREC, INTERPRET)
+        else:
+            Y = _cheb_resid(dx, H0T, K, M, E, lam, norm + lam, num_iter, DOT_PREC, INTERPRET, FOLD)
         if FOLD:
             # tiles after the loop addressed through an opaque zero (the grid has no third axis): else the compiler
             # reuses the address and mask tensors of the loads before the loop and keeps them live (spilled) across it
