@@ -62,14 +62,15 @@ def stacked(runs: list[RunConfig]) -> dict:
 
 
 def _rates(run: RunConfig, summary: dict, members: int, wall: float) -> dict:
-    """Tokens/s from the median step (the first steps' CUDA start-up and compiles left out); the validation's
-    seconds are the run's wall time less its training steps."""
+    """Tokens/s from the median step; the first steps' CUDA start-up and compiles (`warmup_s`, which a trial pays
+    once); the validation's seconds are the run's wall time less its training steps."""
     if "error" in summary:
         raise LabError(f"lab bench sweep: {summary['error']}")
     batch_tokens = run.trainer.batch_size * run.task.seq_len
     train_seconds = summary["steps"] * batch_tokens / summary["train_tokens_per_second"]
     step_ms = summary["train_step_ms_median"]
     return {"tokens_per_s": members * batch_tokens / (step_ms / 1e3), "step_ms": step_ms,
+            "warmup_s": summary["warmup_seconds"],
             "val_s": max(0.0, summary.get("stack_wall_seconds", summary["wall_seconds"]) - train_seconds),
             "wall_s": wall}
 
@@ -84,6 +85,7 @@ def processes(k: int, sweep_file: str, cell: dict, steps: int, members: int = 1)
         rows = [json.loads(Path(f"{tmp}/p{i}.json").read_text()) for i in range(k)]
     return {"tokens_per_s": sum(r["tokens_per_s"] for r in rows),
             "step_ms": statistics.median(r["step_ms"] for r in rows),
+            "warmup_s": statistics.median(r["warmup_s"] for r in rows),
             "val_s": statistics.median(r["val_s"] for r in rows), "wall_s": max(r["wall_s"] for r in rows)}
 
 
@@ -116,11 +118,12 @@ def bench_sweep(sweep_file: str = str(DEFAULT_SWEEP), cell: dict | None = None, 
     rows = []
 
     def add(variant: str, trials_at_once: int, result: dict) -> None:
-        trial_s = setup_s + trial_steps * result["step_ms"] / 1e3 + trial_vals * result["val_s"]
+        trial_s = setup_s + result["warmup_s"] + trial_steps * result["step_ms"] / 1e3 + trial_vals * result["val_s"]
         row = {"variant": variant, **result, "trial_s": trial_s, "trials_per_hour": trials_at_once * 3600 / trial_s}
         rows.append(row)
         console.print(f"{variant}: {row['tokens_per_s'] / 1e6:.2f} M tokens/s, {row['step_ms']:.1f} ms/step, "
-                      f"{row['val_s']:.1f} s/validation, ~{row['trials_per_hour']:.0f} trials/hour")
+                      f"{row['warmup_s']:.0f} s warm-up, {row['val_s']:.1f} s/validation, "
+                      f"~{row['trials_per_hour']:.0f} trials/hour")
 
     with tempfile.TemporaryDirectory() as tmp:
         for compiled in (False, True) if compile_too else (False,):

@@ -8,7 +8,6 @@ early stop at `trainer.early_stop_acc`, TensorBoard files and summary.json in it
 that stops (early stop, pruned, diverged) is frozen; the stack ends when all have stopped.
 """
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -248,9 +247,7 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     if step % cfg.log_every_n_steps:  # the last steps were not checked yet
         _check_finite(members, losses, step - 1, lrs)
     # every member trains on every batch: each member's rate is the stack's batches per second
-    rates = {"train_tokens_per_second": tokens / timer.seconds if timer.seconds else 0.0,
-             "train_step_ms_median": 1e3 * statistics.median(timer.step_seconds or [0.0])}
-    return [_finish(member, rates, num_members) for member in members]
+    return [_finish(member, timer.rates(tokens), num_members) for member in members]
 
 
 def _check_finite(members: list[Member], losses: torch.Tensor, step: int, lrs: torch.Tensor) -> None:

@@ -54,6 +54,14 @@ class StepTimer:
         if self.started is None:
             self.started = time.perf_counter()
 
+    def rates(self, tokens: int) -> dict:
+        """A summary's timing keys: tokens/s over the timed steps, the median step, and `warmup_seconds`, the steps'
+        time above the median rate: mostly the first steps' compiles and CUDA start-up, what a run pays once."""
+        median = statistics.median(self.step_seconds or [0.0])
+        return {"train_tokens_per_second": tokens / self.seconds if self.seconds else 0.0,
+                "train_step_ms_median": 1e3 * median, "train_seconds": self.seconds,
+                "warmup_seconds": max(0.0, self.seconds - median * len(self.step_seconds))}
+
     def stop(self) -> None:
         if self.pending:
             if self.device.type == "cuda":
@@ -90,14 +98,8 @@ class Throughput(Callback):
     def on_train_end(self, trainer, pl_module):
         self.timer.stop()
 
-    @property
-    def step_seconds(self) -> list[float]:
-        return self.timer.step_seconds
-
-    @property
-    def tokens_per_second(self) -> float:
-        seconds = self.timer.seconds
-        return self.tokens / seconds if seconds else 0.0
+    def rates(self) -> dict:
+        return self.timer.rates(self.tokens)
 
 
 class PlainProgress(Callback):
@@ -219,9 +221,7 @@ def train(run: RunConfig, callbacks: list[Callback] = ()) -> dict | None:
         "params": model.num_params(),
         "state_size_bytes": model.state_size(max(s.seq_len for s in datamodule.test_slices)),
         "wall_seconds": wall_seconds,
-        "train_tokens_per_second": throughput.tokens_per_second,
-        # the median leaves out the first steps' one-off costs (CUDA context, kernel compiles)
-        "train_step_ms_median": 1e3 * statistics.median(throughput.step_seconds or [0.0]),
+        **throughput.rates(),  # the median step leaves out the first steps' one-off costs, warmup_seconds is them
         # EarlyStopping stops once val/acc > early_stop_acc; its stopped_epoch is 0 for a stop in epoch 0
         "stopped_early": final.get("val/acc", 0.0) > run.trainer.early_stop_acc,
         "config": config,

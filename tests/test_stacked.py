@@ -158,7 +158,7 @@ def test_lab_bench_sweep_runs_every_variant(tmp_path, capsys):
                  "trainer.num_threads=1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == ["one-by-one", "stacked x2", "1 process"]
-    assert all(r["tokens_per_s"] > 0 and r["trials_per_hour"] > 0 for r in rows)
+    assert all(r["tokens_per_s"] > 0 and r["trials_per_hour"] > 0 and r["warmup_s"] >= 0 for r in rows)
     assert main(["bench", "sweep", "steps=4", "members=2", "processes=1", "process_stack=2", "model.d_model=16",
                  "task.seq_len=32", "task.num_kv_pairs=2", "data.num_test=64", "trainer.accelerator=cpu",
                  "trainer.precision=32-true", "trainer.num_threads=1", "--out", str(out)]) == 0

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lab.cli import main
@@ -46,6 +47,7 @@ def test_summary_tensorboard_and_checkpoint(tmp_path, capsys):
                 "train_tokens_per_second", "final", "config"):
         assert on_disk[key] is not None, key
     assert 0 <= on_disk["best_val_acc"] <= 1 and on_disk["train_tokens_per_second"] > 0
+    assert 0 <= on_disk["warmup_seconds"] < on_disk["train_seconds"] <= on_disk["wall_seconds"]
     assert on_disk["config"]["model"]["num_iter"] == 2 and on_disk["config"]["task"]["vocab_size"] == 80
     assert on_disk["final"]["val/acc"] == pytest.approx(on_disk["final"]["val/acc"])
     assert {"val/acc_slice/seq_len=32,num_kv_pairs=4", "val/acc_slice/seq_len=64,num_kv_pairs=8"} <= set(
@@ -92,3 +94,17 @@ def test_no_improvement_does_not_stop_a_run_early(tmp_path):
                  "trainer.batch_size=32", "trainer.progress=none", f"runs_dir={tmp_path}"]
     summary = train(load_config([], overrides))
     assert summary["steps"] == 12 and not summary["stopped_early"]
+
+
+def test_step_timer_rates_split_off_the_warm_up():
+    # one slow first window (compiles, CUDA start-up) and steady steps: the median is the steady rate, and
+    # warmup_seconds what the run paid above it (a trial's one-off cost, which trials/hour must include)
+    from lab.train import StepTimer
+
+    timer = StepTimer(torch.device("cpu"))
+    timer.step_seconds = [0.5, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1]
+    rates = timer.rates(tokens=700)
+    assert rates["train_step_ms_median"] == pytest.approx(100.0)
+    assert rates["train_seconds"] == pytest.approx(1.5)
+    assert rates["warmup_seconds"] == pytest.approx(0.8)
+    assert rates["train_tokens_per_second"] == pytest.approx(700 / 1.5)
