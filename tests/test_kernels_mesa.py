@@ -166,3 +166,27 @@ def test_argument_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as error:
         mesa(**args)
     assert "\n" not in str(error.value)
+
+
+def test_triton_under_vmap_matches_each_member_alone():
+    # a stacked mesanet (lab/stacked.py) vmaps mesa: on a GPU that reaches the Triton CG kernels through the
+    # custom op's vmap rule, which folds the members into the batch
+    from torch.func import vmap
+
+    members = [make_inputs(fresh_seed(), 21, key_dim=8, value_dim=8) for _ in range(2)]
+    names = ["q", "k", "v", "g", "beta", "ridge"]
+    stacked = {n: torch.stack([m[n].detach() for m in members]).float().requires_grad_() for n in names}
+
+    def op(q, k, v, g, beta, ridge):
+        return mesa(q, k, v, g, beta, ridge=ridge, num_iter=6, chunk_size=16, backend="triton")
+
+    out = vmap(op)(*(stacked[n] for n in names))
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (out * weight).sum().backward()
+    for index, member in enumerate(members):
+        alone = {n: member[n].detach().float().requires_grad_() for n in names}
+        own = op(*(alone[n] for n in names))
+        (own * weight[index]).sum().backward()
+        assert rel_err(out[index], own) < 1e-6
+        for n in names:
+            assert rel_err(stacked[n].grad[index], alone[n].grad) < 1e-6, n
