@@ -192,7 +192,11 @@ def check_extremes(seq_len=32768, heads=2, dim=128):
     return rows
 
 
-def check_mixer_smoke(model="gka", steps=3):
+def smoke_name(mixer: str) -> str:
+    return "mixer-smoke" if mixer == "gka" else f"{mixer}-smoke"
+
+
+def check_mixer_smoke(mixer="gka", steps=3):
     """3 AdamW steps of a 2-layer gka (or mesanet: CG) LM on random tokens, bf16 autocast, backend "auto"."""
     from kernels.gka import triton as gka_triton
     from lab.models import build_model
@@ -209,7 +213,7 @@ def check_mixer_smoke(model="gka", steps=3):
     gka_triton.triton_gka = counted
     try:
         torch.manual_seed(0)
-        cfg = (GKAConfig if model == "gka" else MesaNetConfig)(d_model=256, num_layers=2, num_heads=2)
+        cfg = (GKAConfig if mixer == "gka" else MesaNetConfig)(d_model=256, num_layers=2, num_heads=2)
         model = build_model(cfg, vocab_size=512).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         tokens = torch.randint(0, 512, (4, 1025), device="cuda")
@@ -226,7 +230,7 @@ def check_mixer_smoke(model="gka", steps=3):
     finally:
         gka_triton.triton_gka = original
     ok = grads_finite and all(math.isfinite(x) and abs(x) < 1e4 for x in losses) and calls["n"] >= steps * 2
-    return {"check": "mixer-smoke" if model == "gka" else f"{model}-smoke", "losses": losses, "triton_calls": calls["n"], "grads_finite": grads_finite,
+    return {"check": smoke_name(mixer), "losses": losses, "triton_calls": calls["n"], "grads_finite": grads_finite,
             "ok": ok}
 
 
@@ -253,11 +257,11 @@ def main(argv=None):
     results.append(check_token_reference((1, 512, 2, 128, 128), torch.bfloat16, seed=4))
     if not quick:
         results.extend(check_extremes())
-    for model in ("gka", "mesanet"):
+    for mixer in ("gka", "mesanet"):
         try:
-            results.append(check_mixer_smoke(model))
+            results.append(check_mixer_smoke(mixer))
         except ImportError as error:  # lab needs omegaconf
-            results.append({"check": f"{model}-smoke", "ok": False, "error": repr(error)})
+            results.append({"check": smoke_name(mixer), "ok": False, "error": repr(error)})
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": time.time() - start}
     out = os.environ.get("OUT")
