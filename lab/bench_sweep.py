@@ -67,11 +67,10 @@ def _rates(run: RunConfig, summary: dict, members: int, wall: float) -> dict:
     if "error" in summary:
         raise LabError(f"lab bench sweep: {summary['error']}")
     batch_tokens = run.trainer.batch_size * run.task.seq_len
-    train_seconds = summary["steps"] * batch_tokens / summary["train_tokens_per_second"]
     step_ms = summary["train_step_ms_median"]
     return {"tokens_per_s": members * batch_tokens / (step_ms / 1e3), "step_ms": step_ms,
             "warmup_s": summary["warmup_seconds"],
-            "val_s": max(0.0, summary.get("stack_wall_seconds", summary["wall_seconds"]) - train_seconds),
+            "val_s": max(0.0, summary.get("stack_wall_seconds", summary["wall_seconds"]) - summary["train_seconds"]),
             "wall_s": wall}
 
 
