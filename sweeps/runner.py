@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -151,6 +152,9 @@ def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], b
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     reported = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    earlier = set(reported)
+    pids = {proc.pid for proc in procs}
+    host = socket.gethostname()
     dead = []  # workers whose crash was reported
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=out, transient=False) as progress:
@@ -164,6 +168,9 @@ def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], b
                     progress.console.print(f"[red]worker {procs.index(proc)} exited with {proc.returncode}[/] "
                                            f"(log: {sweep.study_dir / 'logs'}); re-queued trials: {lost or 'none'}")
             for trial in study.get_trials(deepcopy=False):
+                if (not launch.took_a_trial and trial.number not in earlier and trial.user_attrs.get("pid") in pids
+                        and trial.user_attrs.get("host") == host):  # one of this launch's workers took it
+                    launch.trial_taken()
                 if trial.state.is_finished() and trial.number not in reported:
                     reported.add(trial.number)
                     progress.console.print(trial_line(trial, sweep))

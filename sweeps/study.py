@@ -154,19 +154,30 @@ LAUNCH_PREFIX = "launch "
 
 class LaunchRecord:
     """One `lab sweep` launch's wall time, kept in the study (a user attribute per launch): a study resumed over
-    several launches, hosts or days still knows how long it took in all."""
+    several launches, hosts or days still knows how long it took in all.
+
+    Only a launch whose workers took a trial is kept (from then on, so that a killed launcher leaves its time): a
+    rerun of a finished study to rewrite its report, or one that hit its time limit before any trial, did no part
+    of the sweep and would only pad its wall time."""
 
     def __init__(self, study: optuna.Study, cfg, placement: list[str]):
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.study = study
         self.key = f"{LAUNCH_PREFIX}{socket.gethostname()} {os.getpid()} {now}"
         self.started = self.saved = time.perf_counter()
+        self.took_a_trial = False
         gpus = sorted(set(placement))
         self.info = {"host": socket.gethostname(), "started": now, "workers": cfg.workers, "gpus": gpus,
                      "gpu_names": gpu_names(gpus), "stack_lrs": cfg.stack_lrs, "time_limit": cfg.time_limit}
-        self.save()
+
+    def trial_taken(self) -> None:
+        if not self.took_a_trial:
+            self.took_a_trial = True
+            self.save()
 
     def save(self) -> None:
+        if not self.took_a_trial:
+            return
         self.saved = time.perf_counter()
         self.study.set_user_attr(self.key, {**self.info, "seconds": round(self.saved - self.started, 1)})
 

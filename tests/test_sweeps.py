@@ -135,25 +135,33 @@ def test_resume_after_sigkill(tmp_path):
 
 
 def test_time_limit_stops_then_a_rerun_finishes_and_the_study_adds_up_its_launches(tmp_path, capsys):
-    """sweep.time_limit: no trial starts after it (a worker needs longer than 0.2 s to start: none here); the
-    launch is recorded in the study, and the rerun without a limit finishes the grid and sums both launches."""
+    """sweep.time_limit: no trial starts after it (a worker needs longer than 0.2 s to start: none here). The
+    study keeps the wall time of each launch that took a trial and sums them; a launch that took none (that one,
+    or a rerun of the finished study that only rewrites its report) adds nothing."""
     config = write_sweep(tmp_path, {"study": "timed", "lrs": [1e-3, 1e-2]})
     runs_dir = f"runs_dir={tmp_path / 'runs'}"
+
+    def recorded_launches():
+        study = optuna.load_study(study_name="timed", storage=f"sqlite:///{tmp_path / 'runs' / 'timed' / 'study.db'}")
+        return sorted((v for k, v in study.user_attrs.items() if k.startswith("launch ")), key=lambda v: v["started"])
+
     assert main(["sweep", "--config", config, runs_dir, "sweep.time_limit=0.2s"]) == 1
     out = capsys.readouterr().out
     assert "time limit 0.2s reached; 2 runs left: run the same command again to continue" in out, out
-    assert trials_of(tmp_path, "timed") == []
+    assert trials_of(tmp_path, "timed") == [] and recorded_launches() == []
 
-    summary = run_sweep(config, [runs_dir])
+    assert run_sweep(config, [runs_dir, "sweep.n_trials=1"])["counts"]["complete"] == 1  # one piece
+    summary = run_sweep(config, [runs_dir])  # the rest
     assert summary["counts"]["complete"] == 2 and summary["counts"]["left"] == 0 and not summary["timed_out"]
-    study = optuna.load_study(study_name="timed", storage=f"sqlite:///{tmp_path / 'runs' / 'timed' / 'study.db'}")
-    launches = sorted((v for k, v in study.user_attrs.items() if k.startswith("launch ")), key=lambda v: v["started"])
-    assert [launch["time_limit"] for launch in launches] == ["0.2s", None]
+    launches = recorded_launches()
+    assert [launch["time_limit"] for launch in launches] == [None, None]
     assert all(launch["seconds"] > 0 and launch["workers"] == 1 for launch in launches)
     assert summary["launches"] == 2 and summary["study_seconds"] == pytest.approx(sum(v["seconds"] for v in launches))
-    assert summary["study_seconds"] > summary["seconds"]
     report = (tmp_path / "runs" / "timed" / "report" / "report.md").read_text()
     assert "over 2 launch(es)" in report and "training time summed" in report, report
+
+    assert run_sweep(config, [runs_dir])["launches"] == 2  # finished: only the report is rewritten
+    assert recorded_launches() == launches
 
 
 def test_nan_trial_fails_and_the_study_goes_on(tmp_path):
