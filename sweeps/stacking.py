@@ -9,6 +9,7 @@ trained alone. The stacked training itself is `lab.stacked.train_stacked`.
 import itertools
 import threading
 import traceback
+from datetime import datetime
 
 import optuna
 import torch
@@ -114,7 +115,8 @@ def _new_running_trial(study: optuna.Study, first: Trial, params: dict) -> Trial
                         "grid_id": sampler._all_grids.index(tuple(point))}
     distributions = {name: first.distributions.get(name) or CategoricalDistribution([value])
                      for name, value in params.items()}
-    template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=None,
+    # a start time, as study.ask gives a trial (Optuna's own naive local time): its duration is the stack's
+    template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
                            datetime_complete=None, params=params, distributions=distributions, user_attrs={},
                            system_attrs=system_attrs, intermediate_values={}, trial_id=-1)
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)

@@ -104,6 +104,7 @@ def test_sweep_stacks_each_cells_lrs(tmp_path):
     assert len(groups) == 2 and all(len(g) == 3 for g in groups)  # each cell's three lrs in one stack
     assert len({t.user_attrs["run_key"] for t in complete}) == 6
     assert all(t.user_attrs["steps"] == TINY_RUN["trainer"]["max_steps"] for t in complete)
+    assert all(t.duration is not None and t.duration.total_seconds() > 0 for t in complete)  # each has its start
 
 
 def test_model_seed_sets_the_weights_not_the_batches(tmp_path):
