@@ -1,6 +1,6 @@
 """GPU correctness check of the triton GKA backend, and a 3-step training smoke of the gka mixer.
 
-    python -m kernels.gka.gpu_check [--quick]
+    python -m kernels.gka.gpu_check [--quick | --cg]
 
 1. Accuracy at real shapes: fp32 (tf32 products), bf16 and fp16 triton forward + backward against the
    torch chunk path in float64 on the GPU (itself checked against the token-by-token reference in
@@ -11,6 +11,7 @@
 2. Safety: zero keys, a decay of exactly 1 (g = 0) and g = -30 (decay ~1e-13) over 32k tokens, bf16:
    outputs and grads must be finite.
    Also solver="cg" with a constant ridge (MesaNet's solve, which kernels.mesa hands to these kernels).
+   `--cg`: only the CG checks (and a 256x512x2x128x128 bf16 one) and the smokes, about a minute.
 3. Smoke: 3 AdamW steps of a 2-layer gka LM and of a mesanet LM (bf16 autocast) through backend "auto" on
    CUDA, counting the calls that reached the triton kernels.
 
@@ -237,25 +238,31 @@ def check_mixer_smoke(mixer="gka", steps=3):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     quick = "--quick" in argv
+    cg_only = "--cg" in argv
     torch.backends.cuda.matmul.allow_tf32 = False  # the float64 reference doesn't care; keep torch exact
     if "--case" in argv:
         return run_case(int(argv[argv.index("--case") + 1]))
     start = time.time()
     results = []
-    shapes = [(2, 2048, 4, 128, 128), (1, 1000, 2, 96, 80)] if not quick else [(1, 1000, 2, 96, 80)]
-    for dtype in (torch.float32, torch.bfloat16):
-        for i, shape in enumerate(shapes):
-            results.append(check_accuracy(shape, dtype, seed=10 + i, initial_state=i == 1))
-    results.append(check_accuracy((2, 2048, 4, 128, 128), torch.float32, seed=3, num_iter=10))
-    results.append(check_accuracy((1, 1000, 2, 96, 80), torch.float16, seed=13, initial_state=True))
-    results.extend(check_isolated(i) for i in range(len(LAB_CASES) if not quick else 2))
+    if not cg_only:
+        shapes = [(2, 2048, 4, 128, 128), (1, 1000, 2, 96, 80)] if not quick else [(1, 1000, 2, 96, 80)]
+        for dtype in (torch.float32, torch.bfloat16):
+            for i, shape in enumerate(shapes):
+                results.append(check_accuracy(shape, dtype, seed=10 + i, initial_state=i == 1))
+        results.append(check_accuracy((2, 2048, 4, 128, 128), torch.float32, seed=3, num_iter=10))
+        results.append(check_accuracy((1, 1000, 2, 96, 80), torch.float16, seed=13, initial_state=True))
+        results.extend(check_isolated(i) for i in range(len(LAB_CASES) if not quick else 2))
     # MesaNet's CG (kernels.mesa runs on these kernels on a GPU): its mqar_paper head dims, and fp32
     results.append(check_accuracy((1, 1000, 2, 96, 80), torch.float32, seed=17, initial_state=True, cg=True))
-    for shape in ((8, 300, 2, 64, 64), (8, 300, 2, 128, 128), (64, 128, 2, 16, 16)):
+    cg_shapes = [(8, 300, 2, 64, 64), (8, 300, 2, 128, 128), (64, 128, 2, 16, 16)]
+    if cg_only:  # and a whole mqar_paper batch at its largest head dim
+        cg_shapes.append((256, 512, 2, 128, 128))
+    for shape in cg_shapes:
         results.append(check_accuracy(shape, torch.bfloat16, seed=19, cg=True))
-    results.append(check_token_reference((1, 512, 2, 128, 128), torch.float32, seed=4))
-    results.append(check_token_reference((1, 512, 2, 128, 128), torch.bfloat16, seed=4))
-    if not quick:
+    if not cg_only:
+        results.append(check_token_reference((1, 512, 2, 128, 128), torch.float32, seed=4))
+        results.append(check_token_reference((1, 512, 2, 128, 128), torch.bfloat16, seed=4))
+    if not quick and not cg_only:
         results.extend(check_extremes())
     for mixer in ("gka", "mesanet"):
         try:
