@@ -21,6 +21,7 @@ from lab.errors import LabError
 from sweeps.report import write_report
 from sweeps.runner import run_sweep
 from sweeps.spec import load_sweep
+from sweeps.study import launches
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = {
@@ -142,8 +143,8 @@ def test_time_limit_stops_then_a_rerun_finishes_and_the_study_adds_up_its_launch
     runs_dir = f"runs_dir={tmp_path / 'runs'}"
 
     def recorded_launches():
-        study = optuna.load_study(study_name="timed", storage=f"sqlite:///{tmp_path / 'runs' / 'timed' / 'study.db'}")
-        return sorted((v for k, v in study.user_attrs.items() if k.startswith("launch ")), key=lambda v: v["started"])
+        return launches(optuna.load_study(study_name="timed",
+                                          storage=f"sqlite:///{tmp_path / 'runs' / 'timed' / 'study.db'}"))
 
     assert main(["sweep", "--config", config, runs_dir, "sweep.time_limit=0.2s"]) == 1
     out = capsys.readouterr().out
@@ -153,15 +154,16 @@ def test_time_limit_stops_then_a_rerun_finishes_and_the_study_adds_up_its_launch
     assert run_sweep(config, [runs_dir, "sweep.n_trials=1"])["counts"]["complete"] == 1  # one piece
     summary = run_sweep(config, [runs_dir])  # the rest
     assert summary["counts"]["complete"] == 2 and summary["counts"]["left"] == 0 and not summary["timed_out"]
-    launches = recorded_launches()
-    assert [launch["time_limit"] for launch in launches] == [None, None]
-    assert all(launch["seconds"] > 0 and launch["workers"] == 1 for launch in launches)
-    assert summary["launches"] == 2 and summary["study_seconds"] == pytest.approx(sum(v["seconds"] for v in launches))
+    recorded = recorded_launches()
+    assert [launch["time_limit"] for launch in recorded] == [None, None]
+    assert all(launch["seconds"] > 0 and launch["workers"] == 1 for launch in recorded)
+    assert summary["launches"] == 2 and summary["study_seconds"] == pytest.approx(sum(v["seconds"] for v in recorded))
+    assert summary["study_seconds"] > summary["seconds"]
     report = (tmp_path / "runs" / "timed" / "report" / "report.md").read_text()
     assert "over 2 launch(es)" in report and "training time summed" in report, report
 
     assert run_sweep(config, [runs_dir])["launches"] == 2  # finished: only the report is rewritten
-    assert recorded_launches() == launches
+    assert recorded_launches() == recorded
 
 
 def test_nan_trial_fails_and_the_study_goes_on(tmp_path):
