@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lab.errors import LabError
 from sweeps.spec import Sweep, duration_seconds, load_sweep
-from sweeps.study import LaunchRecord, create_or_load, launch_seconds, recover_orphans
+from sweeps.study import LaunchRecord, create_or_load, launch_seconds, recover_orphans, worker_on_this_host
 from sweeps.worker import done_count
 
 POLL_SECONDS = 1.0
@@ -154,7 +153,6 @@ def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], b
     reported = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     earlier = set(reported)
     pids = {proc.pid for proc in procs}
-    host = socket.gethostname()
     dead = []  # workers whose crash was reported
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=out, transient=False) as progress:
@@ -168,8 +166,7 @@ def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], b
                     progress.console.print(f"[red]worker {procs.index(proc)} exited with {proc.returncode}[/] "
                                            f"(log: {sweep.study_dir / 'logs'}); re-queued trials: {lost or 'none'}")
             for trial in study.get_trials(deepcopy=False):
-                if (not launch.took_a_trial and trial.number not in earlier and trial.user_attrs.get("pid") in pids
-                        and trial.user_attrs.get("host") == host):  # one of this launch's workers took it
+                if not launch.took_a_trial and trial.number not in earlier and worker_on_this_host(trial) in pids:
                     launch.trial_taken()
                 if trial.state.is_finished() and trial.number not in reported:
                     reported.add(trial.number)

@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from lab.errors import LabError
 from sweeps.spec import Sweep
@@ -223,17 +223,22 @@ def tag_worker(trial: optuna.Trial) -> None:
     trial.set_user_attr("pid", os.getpid())
 
 
+def worker_on_this_host(trial: FrozenTrial) -> int | None:
+    """The pid of the worker that tagged the trial, when it ran on this host; None otherwise."""
+    return trial.user_attrs.get("pid") if trial.user_attrs.get("host") == socket.gethostname() else None
+
+
 def recover_orphans(study: optuna.Study, max_retry: int) -> list[int]:
     """Fail, and queue a re-run of, every RUNNING trial whose worker process on this host is gone.
 
     The heartbeat does the same after its grace period (and across hosts); this makes a relaunch on the
     same machine resume at once. Returns the numbers of the trials recovered.
     """
-    host = socket.gethostname()
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("host") != host or _alive(trial.user_attrs.get("pid")):
+        pid = worker_on_this_host(trial)
+        if pid is None or _alive(pid):
             continue
         storage = study._storage
         try:
