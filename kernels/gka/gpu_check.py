@@ -235,6 +235,44 @@ def check_mixer_smoke(mixer="gka", steps=3):
             "ok": ok}
 
 
+def gka_checks(quick):
+    """GKA's own solve: accuracy at real and lab shapes, the token-by-token reference, and (unless quick) extremes."""
+    results = []
+    shapes = [(2, 2048, 4, 128, 128), (1, 1000, 2, 96, 80)] if not quick else [(1, 1000, 2, 96, 80)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for i, shape in enumerate(shapes):
+            results.append(check_accuracy(shape, dtype, seed=10 + i, initial_state=i == 1))
+    results.append(check_accuracy((2, 2048, 4, 128, 128), torch.float32, seed=3, num_iter=10))
+    results.append(check_accuracy((1, 1000, 2, 96, 80), torch.float16, seed=13, initial_state=True))
+    results.extend(check_isolated(i) for i in range(len(LAB_CASES) if not quick else 2))
+    results.append(check_token_reference((1, 512, 2, 128, 128), torch.float32, seed=4))
+    results.append(check_token_reference((1, 512, 2, 128, 128), torch.bfloat16, seed=4))
+    if not quick:
+        results.extend(check_extremes())
+    return results
+
+
+def cg_checks(whole_batch):
+    """MesaNet's CG (kernels.mesa runs on these kernels on a GPU) at its mqar_paper head dims, and fp32;
+    whole_batch adds a whole mqar_paper batch at its largest head dim."""
+    results = [check_accuracy((1, 1000, 2, 96, 80), torch.float32, seed=17, initial_state=True, cg=True)]
+    cg_shapes = [(8, 300, 2, 64, 64), (8, 300, 2, 128, 128), (64, 128, 2, 16, 16)]
+    if whole_batch:
+        cg_shapes.append((256, 512, 2, 128, 128))
+    results.extend(check_accuracy(shape, torch.bfloat16, seed=19, cg=True) for shape in cg_shapes)
+    return results
+
+
+def smoke_checks():
+    results = []
+    for mixer in ("gka", "mesanet"):
+        try:
+            results.append(check_mixer_smoke(mixer))
+        except ImportError as error:  # lab needs omegaconf
+            results.append({"check": smoke_name(mixer), "ok": False, "error": repr(error)})
+    return results
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     quick = "--quick" in argv
@@ -243,32 +281,7 @@ def main(argv=None):
     if "--case" in argv:
         return run_case(int(argv[argv.index("--case") + 1]))
     start = time.time()
-    results = []
-    if not cg_only:
-        shapes = [(2, 2048, 4, 128, 128), (1, 1000, 2, 96, 80)] if not quick else [(1, 1000, 2, 96, 80)]
-        for dtype in (torch.float32, torch.bfloat16):
-            for i, shape in enumerate(shapes):
-                results.append(check_accuracy(shape, dtype, seed=10 + i, initial_state=i == 1))
-        results.append(check_accuracy((2, 2048, 4, 128, 128), torch.float32, seed=3, num_iter=10))
-        results.append(check_accuracy((1, 1000, 2, 96, 80), torch.float16, seed=13, initial_state=True))
-        results.extend(check_isolated(i) for i in range(len(LAB_CASES) if not quick else 2))
-    # MesaNet's CG (kernels.mesa runs on these kernels on a GPU): its mqar_paper head dims, and fp32
-    results.append(check_accuracy((1, 1000, 2, 96, 80), torch.float32, seed=17, initial_state=True, cg=True))
-    cg_shapes = [(8, 300, 2, 64, 64), (8, 300, 2, 128, 128), (64, 128, 2, 16, 16)]
-    if cg_only:  # and a whole mqar_paper batch at its largest head dim
-        cg_shapes.append((256, 512, 2, 128, 128))
-    for shape in cg_shapes:
-        results.append(check_accuracy(shape, torch.bfloat16, seed=19, cg=True))
-    if not cg_only:
-        results.append(check_token_reference((1, 512, 2, 128, 128), torch.float32, seed=4))
-        results.append(check_token_reference((1, 512, 2, 128, 128), torch.bfloat16, seed=4))
-    if not quick and not cg_only:
-        results.extend(check_extremes())
-    for mixer in ("gka", "mesanet"):
-        try:
-            results.append(check_mixer_smoke(mixer))
-        except ImportError as error:  # lab needs omegaconf
-            results.append({"check": smoke_name(mixer), "ok": False, "error": repr(error)})
+    results = ([] if cg_only else gka_checks(quick)) + cg_checks(whole_batch=cg_only) + smoke_checks()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": time.time() - start}
     out = os.environ.get("OUT")
