@@ -26,6 +26,7 @@ from lab.config import to_dict
 from lab.errors import LabError
 from sweeps.spec import LR_KEY, MEMBER_AXES, VARIANT_KEY, Sweep, cell_key, load_sweep
 from sweeps.study import create_or_load, launches
+from sweeps.worker import done_count
 
 
 def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = None) -> dict:
@@ -58,7 +59,8 @@ def _write(out_dir: Path, study_name: str, sweep: Sweep, study, runs: list[dict]
     metric = sweep.cfg.metric
     rows = [cell_row(cell, metric, sweep) for cell in cells]
     mad = mad_section(runs)
-    (out_dir / "report.md").write_text(markdown(study_name, sweep, rows, runs, launches(study)) + mad)
+    progress = (done_count(sweep, study.get_trials(deepcopy=False)), sweep.budget())
+    (out_dir / "report.md").write_text(markdown(study_name, sweep, rows, runs, launches(study), progress) + mad)
     with open(out_dir / "cells.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -170,7 +172,8 @@ def cell_row(cell: dict, metric: str, sweep: Sweep) -> dict:
     }
 
 
-def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict], launched: list[dict]) -> str:
+def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict], launched: list[dict],
+             progress: tuple[int, int]) -> str:
     columns = list(rows[0])
     lines = [f"# Study `{study_name}`", "",
              (f"Storage `{sweep.storage_shown}`; sampler {sweep.cfg.sampler}; metric {sweep.cfg.metric} "
@@ -179,7 +182,7 @@ def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict], launche
              "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
-    lines += ["", time_section(runs, launched)]
+    lines += ["", time_section(runs, launched, *progress)]
     failures = [r for r in runs if r["error"]]
     if failures:
         lines += ["", "## Failed runs", ""]
@@ -190,9 +193,10 @@ def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict], launche
     return "\n".join(lines)
 
 
-def time_section(runs: list[dict], launched: list[dict]) -> str:
+def time_section(runs: list[dict], launched: list[dict], done: int, budget: int) -> str:
     """How long the study took: its launches' wall time, and the runs' own training time (a stacked run's share of
-    its stack), which is what one worker would need for the whole study one run after another."""
+    its stack), which is what one worker would need for the whole study one run after another. A study not yet
+    done says how far it is, and what the rest would take at the launches' mean rate so far."""
     training = sum(r.get("wall_seconds") or 0 for r in runs)
     total = sum(launch["seconds"] for launch in launched)
     where = ", ".join(f"{launch['started']} on {launch['host']} ({launch['workers']} worker(s)"
@@ -201,7 +205,18 @@ def time_section(runs: list[dict], launched: list[dict]) -> str:
                       + f"): {launch['seconds']:.0f} s" for launch in launched)
     return (f"Time: {total:.0f} s ({total / 3600:.2f} h) of wall time over {len(launched)} launch(es)"
             + (f" [{where}]" if launched else "") + f"; the runs' training time summed: {training:.0f} s "
-            f"({training / 3600:.2f} h).")
+            f"({training / 3600:.2f} h)." + _progress(total, done, budget))
+
+
+def _progress(seconds: float, done: int, budget: int) -> str:
+    if done >= budget:
+        return ""
+    line = f" Done: {done} of {budget} trials"
+    if done and seconds:
+        # a mean over the cells run so far: cells differ (width, length, mixer), so this is a rough guide
+        line += (f"; at {seconds / done:.0f} s a trial so far, the {budget - done} left would take about "
+                 f"{(budget - done) * seconds / done / 3600:.1f} h more")
+    return line + "."
 
 
 def _counted(names: list[str]) -> str:

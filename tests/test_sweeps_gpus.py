@@ -86,6 +86,9 @@ def test_a_launch_records_its_gpu_models(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     launch = {"started": "2026-12-06T03:00:00Z", "host": "gpu-1", "workers": 4, "gpus": ["0", "1"],
               "gpu_names": ["NVIDIA H200", "NVIDIA H200"], "seconds": 600.0}
-    assert "(4 worker(s), GPUs 0,1, 2x NVIDIA H200): 600 s" in time_section([], [launch])
+    assert "(4 worker(s), GPUs 0,1, 2x NVIDIA H200): 600 s" in time_section([], [launch], 10, 10)
+    assert "Done:" not in time_section([], [launch], 10, 10)  # a finished study: no progress line
+    assert time_section([], [launch], 6, 112).endswith(
+        " Done: 6 of 112 trials; at 100 s a trial so far, the 106 left would take about 2.9 h more.")
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert gpu_names([]) == []
