@@ -23,6 +23,9 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 IDENTITY_KEYS = ("sampler", "seed", "pruner", "pruner_startup_trials", "pruner_warmup_steps", "metric",
                  "direction", "lrs", "variants", "space")
 
+# what trials and launches are tagged with, and compared against each poll of a launch's monitor
+HOST = socket.gethostname()
+
 
 def open_storage(sweep: Sweep):
     """SQLite by default (one file per study), any SQLAlchemy URL, or an Optuna journal file (*.log)."""
@@ -163,11 +166,11 @@ class LaunchRecord:
     def __init__(self, study: optuna.Study, cfg, placement: list[str]):
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.study = study
-        self.key = f"{LAUNCH_PREFIX}{socket.gethostname()} {os.getpid()} {now}"
+        self.key = f"{LAUNCH_PREFIX}{HOST} {os.getpid()} {now}"
         self.started = self.saved = time.perf_counter()
         self.took_a_trial = False
         gpus = sorted(set(placement))
-        self.info = {"host": socket.gethostname(), "started": now, "workers": cfg.workers, "gpus": gpus,
+        self.info = {"host": HOST, "started": now, "workers": cfg.workers, "gpus": gpus,
                      "gpu_names": gpu_names(gpus), "stack_lrs": cfg.stack_lrs, "time_limit": cfg.time_limit}
 
     def trial_taken(self) -> None:
@@ -219,13 +222,13 @@ def launch_seconds(study: optuna.Study) -> tuple[float, int]:
 
 def tag_worker(trial: optuna.Trial) -> None:
     """Where a trial runs, so a relaunch on this host can tell a dead worker's trial from a live one."""
-    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("host", HOST)
     trial.set_user_attr("pid", os.getpid())
 
 
 def worker_on_this_host(trial: FrozenTrial) -> int | None:
     """The pid of the worker that tagged the trial, when it ran on this host; None otherwise."""
-    return trial.user_attrs.get("pid") if trial.user_attrs.get("host") == socket.gethostname() else None
+    return trial.user_attrs.get("pid") if trial.user_attrs.get("host") == HOST else None
 
 
 def recover_orphans(study: optuna.Study, max_retry: int) -> list[int]:
