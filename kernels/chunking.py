@@ -31,12 +31,13 @@ def from_chunks(x: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def cumulative_log_decay(g: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """g [B, T, H] -> G [B, H, N, C]: log of the decay from the start of the chunk through token c.
+    """g [B, T, H] -> G [B, H, N, C] (or per key channel, [B, T, H, Dk] -> [B, H, N, C, Dk]): log of the
+    decay from the start of the chunk through token c.
 
     Restarting the sum at every chunk keeps G bounded by one chunk's worth of gates, which limits
     the cancellation in the differences G_c - G_j of `decay_mask`.
     """
-    return to_chunks(g, chunk_size).cumsum(-1)
+    return to_chunks(g, chunk_size).cumsum(3)
 
 
 def decay_mask(log_decay: torch.Tensor) -> torch.Tensor:
@@ -57,14 +58,20 @@ def scan_chunk_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """State at the start of every chunk of S_t = exp(g_t) S_{t-1} + v_t k_t^T, and the final state.
 
-    k [B, H, N, C, Dk], v [B, H, N, C, Dv], log_decay G [B, H, N, C], initial_state [B, H, Dv, Dk] or None.
+    k [B, H, N, C, Dk], v [B, H, N, C, Dv], log_decay G [B, H, N, C] (or [B, H, N, C, Dk]: a decay per key
+    channel, which scales the state's columns), initial_state [B, H, Dv, Dk] or None.
     Returns (start_states [B, H, N, Dv, Dk], final_state [B, H, Dv, Dk]). Within a chunk the update
     is one matmul; only the N chunk boundaries are sequential. (GKA's key covariance is this with v = k.)
     """
     batch, heads, num_chunks = k.shape[:3]
-    decay_to_chunk_end = (log_decay[..., -1:] - log_decay).exp()
-    chunk_updates = (v * decay_to_chunk_end[..., None]).mT @ k
-    chunk_decay = log_decay[..., -1].exp()[..., None, None]
+    if log_decay.dim() == k.dim():  # per key channel
+        decay_to_chunk_end = (log_decay[..., -1:, :] - log_decay).exp()
+        chunk_updates = v.mT @ (k * decay_to_chunk_end)
+        chunk_decay = log_decay[..., -1, None, :].exp()
+    else:
+        decay_to_chunk_end = (log_decay[..., -1:] - log_decay).exp()
+        chunk_updates = (v * decay_to_chunk_end[..., None]).mT @ k
+        chunk_decay = log_decay[..., -1].exp()[..., None, None]
     state = initial_state
     if state is None:
         state = k.new_zeros(batch, heads, v.shape[-1], k.shape[-1])
@@ -77,7 +84,8 @@ def scan_chunk_states(
 
 def chunk_inputs(q, k, v, g, chunk_size: int):
     """The common front end of the chunk paths: q, k, v [B, T, H, D] -> [B, H, N, C, D] in the compute
-    dtype (fp32 at least), and g [B, T, H] (None = no decay) -> the in-chunk cumulative log-decay G."""
+    dtype (fp32 at least), and g [B, T, H] or [B, T, H, Dk] (None = no decay) -> the in-chunk cumulative
+    log-decay G."""
     dtype = compute_dtype(q.dtype)
     if g is None:
         g = q.new_zeros(q.shape[:3])

@@ -15,21 +15,23 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def make_inputs(seed, seq_len, *, gates="mixed", initial_state=False, dtype=torch.float64):
+def make_inputs(seed, seq_len, *, gates="mixed", initial_state=False, dtype=torch.float64, dk=DK, dv=DV):
     """Leaf tensors q, k, v, g, S_0 (g / S_0 may be None). 'mixed' gates put g = 0 (no decay),
-    g ~ -U(0, 0.1) and g = -20 (a near reset) side by side in one sequence."""
+    g ~ -U(0, 0.1) and g = -20 (a near reset) side by side in one sequence, one per head and token;
+    'channel' gates mix them the same way per key channel."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    q, v = randn(B, seq_len, H, DK), randn(B, seq_len, H, DV)
-    k = torch.nn.functional.normalize(randn(B, seq_len, H, DK), dim=-1)
+    q, v = randn(B, seq_len, H, dk), randn(B, seq_len, H, dv)
+    k = torch.nn.functional.normalize(randn(B, seq_len, H, dk), dim=-1)
     g = None
-    if gates == "mixed":
-        u = torch.rand(B, seq_len, H, generator=gen, dtype=torch.float64)
+    if gates in ("mixed", "channel"):
+        gate_shape = (B, seq_len, H) if gates == "mixed" else (B, seq_len, H, dk)
+        u = torch.rand(*gate_shape, generator=gen, dtype=torch.float64)
         g = torch.where(u < 0.15, -20.0, torch.where(u < 0.35, 0.0, -0.1 * u))
-    state = randn(B, H, DV, DK) if initial_state else None
+    state = randn(B, H, dv, dk) if initial_state else None
     tensors = [q, k, v, g, state]
     return [None if x is None else x.to(dtype).requires_grad_() for x in tensors]
 
@@ -55,16 +57,35 @@ def outputs_and_grads(inputs, backend, **kwargs):
         (100, 64, None, True),  # g = None
         (20, 64, "mixed", True),  # T < chunk
         (1, 64, "mixed", True),
+        (100, 16, "channel", True),  # a decay per key channel
+        (100, 64, "channel", False),
+        (20, 64, "channel", True),
     ],
 )
 def test_torch_matches_reference(seq_len, chunk_size, gates, initial_state):
-    inputs = make_inputs(seq_len + chunk_size, seq_len, gates=gates, initial_state=initial_state)
+    inputs = make_inputs(seq_len + chunk_size + len(gates or ""), seq_len, gates=gates, initial_state=initial_state)
     fast = outputs_and_grads(inputs, "torch", chunk_size=chunk_size)
     slow = outputs_and_grads(inputs, "reference")
     assert fast.keys() == slow.keys()
     for name in fast:
         assert fast[name].dtype == torch.float64
         assert rel_err(fast[name], slow[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_channel_gates_at_odd_head_dims(seed):
+    inputs = make_inputs(seed, 45, gates="channel", initial_state=True, dk=13, dv=7)
+    fast = outputs_and_grads(inputs, "torch", chunk_size=8)
+    slow = outputs_and_grads(inputs, "reference")
+    for name in fast:
+        assert rel_err(fast[name], slow[name]) < 1e-10, name
+
+
+def test_channel_gates_equal_across_channels_are_a_head_gate():
+    q, k, v, g, state = (x.detach() for x in make_inputs(21, 50, initial_state=True))
+    per_head = gla(q, k, v, g, initial_state=state, chunk_size=16)
+    per_channel = gla(q, k, v, g[..., None].expand(*g.shape, DK), initial_state=state, chunk_size=16)
+    assert rel_err(per_channel, per_head) < 1e-12
 
 
 def test_scale_and_dtype():
@@ -95,11 +116,12 @@ def test_state_carries_across_calls():
     assert rel_err(end_state, full_state) < 1e-12
 
 
-def test_long_sequence_fp32_stays_finite_and_accurate():
+@pytest.mark.parametrize("gate_shape", [(B, 2048, H), (B, 2048, H, DK)])
+def test_long_sequence_fp32_stays_finite_and_accurate(gate_shape):
     # T = 2048 without decay (the state only grows) and with g = -30 (exp(G) underflows to 0).
     q, k, v, _, _ = make_inputs(5, 2048, gates=None)
     for g_value in (0.0, -30.0):
-        g = torch.full((B, 2048, H), g_value, dtype=torch.float64)
+        g = torch.full(gate_shape, g_value, dtype=torch.float64)
         results = {}
         for dtype in (torch.float32, torch.float64):
             leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v, g)]
@@ -117,6 +139,7 @@ def test_long_sequence_fp32_stays_finite_and_accurate():
         ({"k": torch.zeros(2, 5, 3, 7)}, r"gla: k has shape \(2, 5, 3, 7\), expected \[B, T, H, Dk\]"),
         ({"v": torch.zeros(2, 4, 3, 6)}, r"gla: v has shape \(2, 4, 3, 6\), expected"),
         ({"g": torch.zeros(2, 5)}, r"gla: g has shape \(2, 5\), expected \[B, T, H\] of q = \(2, 5, 3\)"),
+        ({"g": torch.zeros(2, 5, 3, 7)}, r"gla: g has shape \(2, 5, 3, 7\), expected \[B, T, H\] or \[B, T, H, Dk\]"),
         ({"initial_state": torch.zeros(2, 3, 8)}, r"gla: initial_state has shape \(2, 3, 8\)"),
         ({"q": torch.zeros(5, 3, 8)}, r"gla: q must be \[B, T, H, Dk\], got shape \(5, 3, 8\)"),
     ],

@@ -20,6 +20,7 @@ SMALL = {
     "deltanet": {"d_model": 16, "num_heads": 2, "chunk_size": 8},
     "gla": {"d_model": 16, "num_heads": 2, "head_dim": 6, "chunk_size": 8},
     "gla_noconv": {"d_model": 16, "num_heads": 2, "conv_size": 0, "chunk_size": 8},
+    "gla_channel": {"d_model": 16, "num_heads": 2, "head_dim": 5, "gate": "channel", "gate_rank": 3, "chunk_size": 8},
     "mesanet": {"d_model": 16, "num_heads": 2, "head_dim": 6, "chunk_size": 8, "num_iter": 5},
     "mesanet_exact": {"d_model": 16, "num_heads": 2, "solver": "exact", "gating": False, "input_gate": False,
                       "chunk_size": 8},
@@ -110,6 +111,7 @@ def test_param_count_matches_parameters():
         ("gdn", {"num_heads": 3}, "model.num_heads=3: must divide d_model=64"),
         ("deltanet", {"expand_v": 0}, "model.expand_v=0: must be >= 1"),
         ("gla", {"gate_normalizer": 0.0}, "model.gate_normalizer=0.0: must be > 0"),
+        ("gla", {"gate": "key"}, "model.gate='key'"),
         ("gla", {"conv_size": -1}, "model.conv_size=-1: must be >= 0"),
         ("mesanet", {"ridge_init": 0.2}, "model.ridge_init=0.2: must be > 0.25"),
         ("mesanet", {"solver": "chebyshev"}, "model.solver='chebyshev': allowed values are cg, exact"),
@@ -122,7 +124,7 @@ def test_comparison_configs_reject_bad_values(name, overrides, message):
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # RMSNorm's unfused bf16 path
-@pytest.mark.parametrize("key", ["gdn", "deltanet", "gla", "mesanet"])
+@pytest.mark.parametrize("key", ["gdn", "deltanet", "gla", "gla_channel", "mesanet"])
 def test_comparison_mixers_run_under_bf16_autocast(key):
     model = make_mixer(key, seed=0).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):

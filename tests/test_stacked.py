@@ -18,13 +18,15 @@ from tests.test_sweeps import TINY_RUN, by_state, trials_of, write_sweep
 TINY = ["task.vocab_size=64", "task.seq_len=32", "task.num_kv_pairs=2", "data.num_train=512", "data.num_test=64",
         "model.d_model=16", "model.num_layers=1", "trainer.batch_size=32", "trainer.max_steps=12",
         "trainer.val_every_n_steps=4", "trainer.log_every_n_steps=2", "trainer.progress=none", "trainer.num_threads=1"]
+# every mixer, and GLA with its decay per key channel as well as per head
+MIXERS = {name: [f"model.name={name}"] for name in sorted(MODELS)} | {"gla_channel": ["model.name=gla", "model.gate=channel"]}
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_vmapped_gradients_equal_each_models_own(name, single_thread):
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_vmapped_gradients_equal_each_models_own(mixer, single_thread):
     """float64: vmap over stacked parameters gives each member the gradient it gets alone."""
     torch.manual_seed(0)
-    run = load_config([], [f"model.name={name}", "model.d_model=16", "model.num_layers=1", "task.seq_len=32"])
+    run = load_config([], [*MIXERS[mixer], "model.d_model=16", "model.num_layers=1", "task.seq_len=32"])
     models = [build_model(run.model, 64).double() for _ in range(3)]
     params, buffers = stack_module_state(models)
     tokens = torch.randint(0, 64, (2, 37))
@@ -38,10 +40,10 @@ def test_vmapped_gradients_equal_each_models_own(name, single_thread):
             assert error < 1e-7, f"{key}: {error:.1e}"  # float64; an fp32 slip or a mixed-up member is >1e-4
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_mixer_stacks_under_bf16_autocast(name, single_thread):
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_every_mixer_stacks_under_bf16_autocast(mixer, single_thread):
     """The GPU runs stack under bf16 autocast; conv1d's batching rule once broke there (fp32 bias)."""
-    run = load_config([], [f"model.name={name}", "model.d_model=16", "model.num_layers=1", "task.seq_len=32"])
+    run = load_config([], [*MIXERS[mixer], "model.d_model=16", "model.num_layers=1", "task.seq_len=32"])
     models = [build_model(run.model, 64) for _ in range(2)]
     params, buffers = stack_module_state(models)
     tokens = torch.randint(0, 64, (2, 32))
@@ -191,12 +193,12 @@ def test_compiled_training_matches_eager(tmp_path, single_thread):
     assert compiled["final"]["val/loss"] == pytest.approx(eager["final"]["val/loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_mixer_stacks_compiled(name, tmp_path, single_thread):
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_every_mixer_stacks_compiled(mixer, tmp_path, single_thread):
     """A compiled stack (the fastest sweep on a GPU) trains each member as the eager stack does: Dynamo once
     failed inside vmap on GKA's and MesaNet's implicit solve, which now runs as a graph break."""
     def runs(tag, compiled):
-        return [load_config([], TINY + [f"model.name={name}", "trainer.max_steps=4", f"trainer.lr={lr}",
+        return [load_config([], TINY + [*MIXERS[mixer], "trainer.max_steps=4", f"trainer.lr={lr}",
                                         f"runs_dir={tmp_path}", f"run_name={tag}{i}", f"trainer.compile={compiled}"])
                 for i, lr in enumerate([3e-3, 1e-2])]
 

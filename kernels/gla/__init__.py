@@ -1,4 +1,5 @@
-"""Gated linear attention with one scalar log-decay per head and token (Mamba2's mixer, GKA's readout)."""
+"""Gated linear attention with a log-decay per head and token (Mamba2's mixer, GKA's readout) or per key
+channel and token (GLA's own gate)."""
 
 from ..common import check_choice, check_chunk_size, check_qkvg, check_shape
 from .chunk import chunk_gla
@@ -23,10 +24,11 @@ def gla(
 
         S_t = exp(g_t) S_{t-1} + v_t k_t^T        S [B, H, Dv, Dk]
         o_t = scale * S_t q_t
+    with a scalar g_t per head, or a vector g_t per key channel: S_t = S_{t-1} diag(exp(g_t)) + v_t k_t^T.
 
     Args:
         q, k: [B, T, H, Dk]; v: [B, T, H, Dv].
-        g: [B, T, H] log-decay (<= 0); None means no decay.
+        g: [B, T, H] log-decay (<= 0) per head, or [B, T, H, Dk] per key channel; None means no decay.
         scale: defaults to Dk ** -0.5.
         chunk_size: tokens per chunk of the "torch" path (any T works; the tail is zero-padded).
         initial_state: S_0 [B, H, Dv, Dk] or None (zeros).
@@ -36,7 +38,10 @@ def gla(
         o [B, T, H, Dv] in q's dtype, or (o, S_T) with S_T in the compute dtype (fp32 or float64).
     """
     check_choice("gla", "backend", backend, BACKENDS)
-    batch, _, heads, key_dim, value_dim = check_qkvg("gla", q, k, v, {"g": g})
+    per_channel = g is not None and g.dim() == 4
+    batch, _, heads, key_dim, value_dim = check_qkvg("gla", q, k, v, {"g": None if per_channel else g})
+    if per_channel:
+        check_shape("gla", "g", g, k.shape, "[B, T, H] or [B, T, H, Dk] of k")
     if initial_state is not None:
         check_shape(
             "gla", "initial_state", initial_state, (batch, heads, value_dim, key_dim), "[B, H, Dv, Dk]"

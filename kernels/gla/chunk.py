@@ -3,8 +3,12 @@
 Per chunk of C tokens with start state S_0 and in-chunk cumulative log-decay G:
     o_c = sum_{j <= c} M[c, j] (q_c . k_j) v_j  +  exp(G_c) S_0 q_c,    M[c, j] = exp(G_c - G_j)
 The first term is one masked (C x C) attention, the second reads the carried state; only the
-chunk start states are computed sequentially.
+chunk start states are computed sequentially. With a decay per key channel, G_c is a vector and
+M[c, j] moves inside the dot product: sum_d q_cd k_jd exp(G_cd - G_jd), a [C, C, Dk] tensor per chunk
+(every exponent <= 0, so it never overflows; its memory is why such gates want small chunks).
 """
+
+import torch
 
 from ..chunking import chunk_inputs, decay_mask, from_chunks, scan_chunk_states
 
@@ -21,15 +25,27 @@ def gla_in_chunks(q, k, v, log_decay, mask, initial_state):
     return intra + inter, final_state
 
 
+def gla_channel_in_chunks(q, k, v, log_decay, initial_state):
+    """`gla_in_chunks` with a log-decay per key channel, G [B, H, N, C, Dk]."""
+    start_states, final_state = scan_chunk_states(k, v, log_decay, initial_state)
+    mask = decay_mask(log_decay.mT)  # [B, H, N, Dk, C, C]
+    intra = torch.einsum("...cd,...jd,...dcj->...cj", q, k, mask) @ v
+    inter = (q * log_decay.exp()) @ start_states.mT
+    return intra + inter, final_state
+
+
 def chunk_gla(q, k, v, g=None, *, scale, chunk_size, initial_state=None, output_final_state=False):
-    """[B, T, H, D] front end of `gla_in_chunks`: pads to whole chunks, computes in fp32 or wider."""
+    """[B, T, H, D] front end of the chunk forms: pads to whole chunks, computes in fp32 or wider."""
     seq_len = q.shape[1]
     q_chunks, k_chunks, v_chunks, log_decay = chunk_inputs(q, k, v, g, chunk_size)
     dtype = q_chunks.dtype
     if initial_state is not None:
         initial_state = initial_state.to(dtype)
-    o, final_state = gla_in_chunks(
-        scale * q_chunks, k_chunks, v_chunks, log_decay, decay_mask(log_decay), initial_state
-    )
+    if g is not None and g.dim() == 4:
+        o, final_state = gla_channel_in_chunks(scale * q_chunks, k_chunks, v_chunks, log_decay, initial_state)
+    else:
+        o, final_state = gla_in_chunks(
+            scale * q_chunks, k_chunks, v_chunks, log_decay, decay_mask(log_decay), initial_state
+        )
     o = from_chunks(o, seq_len).to(q.dtype)
     return (o, final_state) if output_final_state else o

@@ -16,8 +16,9 @@ def reference_gla(q, k, v, g=None, *, scale, initial_state=None, output_final_st
         state = initial_state.to(dtype)
     outputs = []
     for t in range(seq_len):
-        if g is not None:
-            state = g[:, t].to(dtype).exp()[..., None, None] * state
+        if g is not None:  # a decay per head scales the whole state, one per key channel its columns
+            decay = g[:, t].to(dtype).exp()
+            state = (decay[..., None, :] if decay.dim() == 3 else decay[..., None, None]) * state
         state = state + v[:, t, :, :, None] * k[:, t, :, None, :]
         outputs.append(scale * (state @ q[:, t, :, :, None])[..., 0])
     o = torch.stack(outputs, dim=1).to(out_dtype)
