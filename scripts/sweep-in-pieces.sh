@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One piece of a long sweep on a machine held for minutes at a time (a lent or preemptible GPU host): starts the
+# sweep detached, with a time limit, unless one already runs; waits up to WAIT s; copies the study database
+# (sqlite's online backup: consistent while the sweep writes) to $OUT/study.backup.db every minute and at the end;
+# tars the run directories (no checkpoints or event files) to $OUT/runs.tgz. Call it again to wait on.
+#   SEED_DB=results/mqar_paper/study.db LIMIT=15m WAIT=540 OUT=/tmp/out \
+#     scripts/sweep-in-pieces.sh configs/sweeps/mqar_paper.yaml sweep.stack_lrs=true trainer.compile=true
+# The live database sits at LIVE_DB (default runs/live/study.db, git-ignored), copied from SEED_DB only when
+# absent: a tool that re-sends the working tree (tracked files included) before every call must not overwrite it.
+# LAB: how to run the lab (default `python3 -m lab.cli`).
+set -u
+config=$1; shift
+LIVE_DB=${LIVE_DB:-runs/live/study.db} WAIT=${WAIT:-540} OUT=${OUT:?set OUT, where the backups go}
+LAB=${LAB:-python3 -m lab.cli}
+study=$(sed -n 's/^ *study: *\([^ #]*\).*/\1/p' "$config" | head -1)
+mkdir -p "$(dirname "$LIVE_DB")" "$OUT" runs
+if [ ! -f "$LIVE_DB" ] && [ -n "${SEED_DB:-}" ]; then cp "$SEED_DB" "$LIVE_DB"; fi
+pidfile=runs/sweep-in-pieces.pid
+running() { [ -f $pidfile ] && kill -0 "$(cat $pidfile)" 2>/dev/null; }
+if [ -n "${LIMIT:-}" ] && ! running; then
+  setsid nohup $LAB sweep --config "$config" "$@" "sweep.storage=sqlite:///$LIVE_DB" "sweep.time_limit=$LIMIT" \
+    >> runs/sweep-in-pieces.log 2>&1 < /dev/null &
+  echo $! > $pidfile
+  echo "launched pid $(cat $pidfile), time limit $LIMIT, at $(date -u +%T)"
+fi
+backup() {
+  python3 - "$LIVE_DB" "$OUT/study.backup.db" <<'PY'
+import sqlite3, sys
+src, dst = sqlite3.connect(sys.argv[1]), sqlite3.connect(sys.argv[2])
+src.backup(dst)
+dst.close()
+print("trials by state:", src.execute("select state, count(*) from trials group by state").fetchall())
+PY
+}
+start=$(date +%s) n=0
+while running && [ $(( $(date +%s) - start )) -lt "$WAIT" ]; do
+  sleep 5; n=$((n + 1)); [ $((n % 12)) -eq 0 ] && backup > /dev/null
+done
+running && echo "still running at $(date -u +%T)" || echo "no launch running at $(date -u +%T)"
+[ -f "$LIVE_DB" ] && backup
+tar czf "$OUT/runs.tgz" --exclude='*.ckpt' --exclude='events.out.*' "runs/$study" runs/sweep-in-pieces.log 2>/dev/null
+grep -v '━' runs/sweep-in-pieces.log | tail -25
