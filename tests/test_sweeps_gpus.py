@@ -92,3 +92,29 @@ def test_a_launch_records_its_gpu_models(tmp_path, monkeypatch):
         " Done: 6 of 112 trials; at 100 s a trial so far, the 106 left would take about 2.9 h more.")
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert gpu_names([]) == []
+
+
+def test_sweep_in_pieces_script_runs_a_launch_and_backs_up_the_live_database(tmp_path):
+    """scripts/sweep-in-pieces.sh: a detached launch on the live database, then a consistent copy of it in OUT;
+    a second call (no LIMIT) starts nothing and copies again."""
+    import sqlite3
+    import sys
+
+    from tests.test_sweeps import ROOT
+
+    config = write_sweep(tmp_path, {"study": "pieces", "lrs": [1e-3, 1e-2]})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OUT": str(tmp_path / "out"), "WAIT": "240",
+           "LAB": f"{sys.executable} -m lab.cli"}
+    script = str(ROOT / "scripts" / "sweep-in-pieces.sh")
+
+    def call(**extra):
+        return subprocess.run(["bash", script, config], cwd=tmp_path, env=env | extra, capture_output=True, text=True,
+                              timeout=300, check=True).stdout
+
+    first = call(LIMIT="10m")
+    assert "launched pid" in first and "no launch running" in first, first
+    backup = sqlite3.connect(tmp_path / "out" / "study.backup.db")
+    assert backup.execute("select state, count(*) from trials group by state").fetchall() == [("COMPLETE", 2)]
+    assert (tmp_path / "runs" / "live" / "study.db").exists() and (tmp_path / "out" / "runs.tgz").exists()
+    second = call()
+    assert "launched" not in second and "trials by state: [('COMPLETE', 2)]" in second, second
