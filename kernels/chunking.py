@@ -64,14 +64,11 @@ def scan_chunk_states(
     is one matmul; only the N chunk boundaries are sequential. (GKA's key covariance is this with v = k.)
     """
     batch, heads, num_chunks = k.shape[:3]
-    if log_decay.dim() == k.dim():  # per key channel
-        decay_to_chunk_end = (log_decay[..., -1:, :] - log_decay).exp()
-        chunk_updates = v.mT @ (k * decay_to_chunk_end)
-        chunk_decay = log_decay[..., -1, None, :].exp()
-    else:
-        decay_to_chunk_end = (log_decay[..., -1:] - log_decay).exp()
-        chunk_updates = (v * decay_to_chunk_end[..., None]).mT @ k
-        chunk_decay = log_decay[..., -1].exp()[..., None, None]
+    if log_decay.dim() < k.dim():  # one decay per head: the same for every key channel
+        log_decay = log_decay[..., None]
+    decay_to_chunk_end = (log_decay[..., -1:, :] - log_decay).exp()
+    chunk_updates = v.mT @ (k * decay_to_chunk_end)
+    chunk_decay = log_decay[..., -1, None, :].exp()
     state = initial_state
     if state is None:
         state = k.new_zeros(batch, heads, v.shape[-1], k.shape[-1])

@@ -2,7 +2,7 @@
 # One piece of a long sweep on a machine held for minutes at a time (a lent or preemptible GPU host): starts the
 # sweep detached, with a time limit, unless one already runs; waits up to WAIT s; copies the study database
 # (sqlite's online backup: consistent while the sweep writes) to $OUT/study.backup.db every minute and at the end;
-# tars the run directories (no checkpoints or event files) to $OUT/runs.tgz. Call it again to wait on.
+# tars runs/ (no checkpoints, event files or the live database) to $OUT/runs.tgz. Call it again to wait on.
 #   SEED_DB=results/mqar_paper/study.db LIMIT=15m WAIT=540 OUT=/tmp/out \
 #     scripts/sweep-in-pieces.sh configs/sweeps/mqar_paper.yaml sweep.stack_lrs=true trainer.compile=true
 # The live database sits at LIVE_DB (default runs/live/study.db, git-ignored), copied from SEED_DB only when
@@ -12,7 +12,6 @@ set -u
 config=$1; shift
 LIVE_DB=${LIVE_DB:-runs/live/study.db} WAIT=${WAIT:-540} OUT=${OUT:?set OUT, where the backups go}
 LAB=${LAB:-python3 -m lab.cli}
-study=$(sed -n 's/^ *study: *\([^ #]*\).*/\1/p' "$config" | head -1)
 mkdir -p "$(dirname "$LIVE_DB")" "$OUT" runs
 if [ ! -f "$LIVE_DB" ] && [ -n "${SEED_DB:-}" ]; then cp "$SEED_DB" "$LIVE_DB"; fi
 pidfile=runs/sweep-in-pieces.pid
@@ -38,5 +37,5 @@ while running && [ $(( $(date +%s) - start )) -lt "$WAIT" ]; do
 done
 running && echo "still running at $(date -u +%T)" || echo "no launch running at $(date -u +%T)"
 [ -f "$LIVE_DB" ] && backup
-tar czf "$OUT/runs.tgz" --exclude='*.ckpt' --exclude='events.out.*' "runs/$study" runs/sweep-in-pieces.log 2>/dev/null
+tar czf "$OUT/runs.tgz" --exclude='*.ckpt' --exclude='events.out.*' --exclude="$LIVE_DB" runs 2>/dev/null
 grep -v '━' runs/sweep-in-pieces.log | tail -25

@@ -1,7 +1,10 @@
 """`lab sweep --gpus 0,1 --per-gpu K`: which GPU each worker process sees, and the errors (no GPU needed)."""
 
 import os
+import sqlite3
 import subprocess
+import sys
+import tarfile
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from sweeps import runner
 from sweeps.report import time_section
 from sweeps.spec import load_sweep
 from sweeps.study import gpu_names
-from tests.test_sweeps import write_sweep
+from tests.test_sweeps import ROOT, write_sweep
 
 
 @pytest.fixture
@@ -97,11 +100,6 @@ def test_a_launch_records_its_gpu_models(tmp_path, monkeypatch):
 def test_sweep_in_pieces_script_runs_a_launch_and_backs_up_the_live_database(tmp_path):
     """scripts/sweep-in-pieces.sh: a detached launch on the live database, then a consistent copy of it in OUT;
     a second call (no LIMIT) starts nothing and copies again."""
-    import sqlite3
-    import sys
-
-    from tests.test_sweeps import ROOT
-
     config = write_sweep(tmp_path, {"study": "pieces", "lrs": [1e-3, 1e-2]})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OUT": str(tmp_path / "out"), "WAIT": "240",
            "LAB": f"{sys.executable} -m lab.cli"}
@@ -116,5 +114,8 @@ def test_sweep_in_pieces_script_runs_a_launch_and_backs_up_the_live_database(tmp
     backup = sqlite3.connect(tmp_path / "out" / "study.backup.db")
     assert backup.execute("select state, count(*) from trials group by state").fetchall() == [("COMPLETE", 2)]
     assert (tmp_path / "runs" / "live" / "study.db").exists() and (tmp_path / "out" / "runs.tgz").exists()
+    with tarfile.open(tmp_path / "out" / "runs.tgz") as runs:
+        names = runs.getnames()
+    assert "runs/pieces/trial-0/summary.json" in names and "runs/live/study.db" not in names
     second = call()
     assert "launched" not in second and "trials by state: [('COMPLETE', 2)]" in second, second

@@ -14,11 +14,12 @@ def reference_gla(q, k, v, g=None, *, scale, initial_state=None, output_final_st
         state = q.new_zeros(batch, heads, v.shape[-1], key_dim)
     else:
         state = initial_state.to(dtype)
+    if g is not None and g.dim() == 3:  # one decay per head: the same for every key channel
+        g = g[..., None]
     outputs = []
     for t in range(seq_len):
-        if g is not None:  # a decay per head scales the whole state, one per key channel its columns
-            decay = g[:, t].to(dtype).exp()
-            state = (decay[..., None, :] if decay.dim() == 3 else decay[..., None, None]) * state
+        if g is not None:  # scales the state's columns, one per key channel
+            state = g[:, t, :, None, :].to(dtype).exp() * state
         state = state + v[:, t, :, :, None] * k[:, t, :, None, :]
         outputs.append(scale * (state @ q[:, t, :, :, None])[..., 0])
     o = torch.stack(outputs, dim=1).to(out_dtype)
