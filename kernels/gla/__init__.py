@@ -38,10 +38,10 @@ def gla(
         o [B, T, H, Dv] in q's dtype, or (o, S_T) with S_T in the compute dtype (fp32 or float64).
     """
     check_choice("gla", "backend", backend, BACKENDS)
-    per_channel = g is not None and g.dim() == 4
-    batch, _, heads, key_dim, value_dim = check_qkvg("gla", q, k, v, {"g": None if per_channel else g})
-    if per_channel:
-        check_shape("gla", "g", g, k.shape, "[B, T, H] or [B, T, H, Dk] of k")
+    batch, seq_len, heads, key_dim, value_dim = check_qkvg("gla", q, k, v, {})
+    if g is not None and tuple(g.shape) not in ((batch, seq_len, heads), tuple(k.shape)):
+        raise ValueError(f"gla: g has shape {tuple(g.shape)}, expected [B, T, H] = {(batch, seq_len, heads)} or "
+                         f"[B, T, H, Dk] = {tuple(k.shape)} of k")
     if initial_state is not None:
         check_shape(
             "gla", "initial_state", initial_state, (batch, heads, value_dim, key_dim), "[B, H, Dv, Dk]"
