@@ -113,8 +113,10 @@ def collect_runs(study: optuna.Study, sweep: Sweep) -> list[dict]:
             "trial": trial.number, "state": trial.state.name.lower(), "overrides": attrs["overrides"],
             "cell": attrs.get("cell", ""), "lr": attrs["overrides"].get(LR_KEY, config.get("trainer", {}).get("lr")),
             "error": attrs.get("error"), "pruned_at": attrs.get("pruned_at"), "config": config,
+            "started": trial.datetime_start, "completed": trial.datetime_complete,
             **{k: attrs.get(k) for k in ("best_val_acc", "final_val_acc", "final_val_loss", "params",
-                                         "state_size_bytes", "wall_seconds", "steps", "run_dir")},
+                                         "state_size_bytes", "wall_seconds", "steps", "run_dir", "stacked_with",
+                                         "warmup_seconds", "train_step_ms_median")},
         })
     return runs
 
@@ -183,6 +185,7 @@ def markdown(study_name: str, sweep, rows: list[dict], runs: list[dict], launche
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
     lines += ["", time_section(runs, launched, *progress)]
+    lines += stacks_section(runs, sweep)
     failures = [r for r in runs if r["error"]]
     if failures:
         lines += ["", "## Failed runs", ""]
@@ -206,6 +209,39 @@ def time_section(runs: list[dict], launched: list[dict], done: int, budget: int)
     return (f"Time: {total:.0f} s ({total / 3600:.2f} h) of wall time over {len(launched)} launch(es)"
             + (f" [{where}]" if launched else "") + f"; the runs' training time summed: {training:.0f} s "
             f"({training / 3600:.2f} h)." + _progress(total, done, budget))
+
+
+def stacks_section(runs: list[dict], sweep: Sweep) -> list[str]:
+    """Per stack of a stacked sweep (sweep.stack_lrs), in the order they started: wall time from its first member's
+    start to its last member's end (model build, compile, data and validations included), its warm-up (the steps'
+    time above the median step: mostly compiles), the median step of the stack, and its best member. What a
+    stack costs is what decides how to split a long study into pieces."""
+    stacks = defaultdict(list)
+    for run in runs:
+        if run.get("stacked_with") and run["started"] and run["completed"]:
+            stacks[tuple(run["stacked_with"])].append(run)
+    if not stacks:
+        return []
+    metric = sweep.cfg.metric
+    sign = 1 if sweep.cfg.direction == "maximize" else -1
+    lines = ["", "## Stacks", "", f"| trials | cell | wall | warm-up | step | steps | {metric}: best (lr) | started |",
+             "|---|---|---|---|---|---|---|---|"]
+    for members in sorted(stacks.values(), key=lambda m: min(r["started"] for r in m)):
+        started = min(r["started"] for r in members)
+        wall = (max(r["completed"] for r in members) - started).total_seconds()
+        scored = [r for r in members if r.get(metric) is not None and not _nan(r[metric])]
+        best = max(scored, key=lambda r: sign * r[metric]) if scored else None
+        steps = sorted(r["steps"] for r in members if r.get("steps") is not None)
+        warmup = max((r["warmup_seconds"] for r in members if r.get("warmup_seconds") is not None), default=None)
+        step_ms = [r["train_step_ms_median"] for r in members if r.get("train_step_ms_median")]
+        lines.append(" | ".join([
+            f"| {','.join(str(r['trial']) for r in sorted(members, key=lambda r: r['trial']))}",
+            sweep.describe({k: v for k, v in members[0]["overrides"].items() if k not in MEMBER_AXES}) or "(base)",
+            f"{wall:.0f} s", "" if warmup is None else f"{warmup:.0f} s",
+            f"{statistics.median(step_ms):.1f} ms" if step_ms else "",
+            (f"{steps[0]}-{steps[-1]}" if steps[0] != steps[-1] else str(steps[0])) if steps else "",
+            f"{best[metric]:.4f} ({best['lr']:g})" if best else "", f"{started:%Y-%m-%d %H:%M:%S}"]) + " |")
+    return lines
 
 
 def _progress(seconds: float, done: int, budget: int) -> str:

@@ -115,7 +115,7 @@ def record_summary(trial: optuna.Trial, summary: dict, metric: str) -> float:
     metrics = {"best_val_acc": summary["best_val_acc"] or 0.0, "final_val_acc": final.get("val/acc", 0.0),
                "final_val_loss": final.get("val/loss", float("nan"))}
     for key in ("run_dir", "params", "state_size_bytes", "wall_seconds", "steps", "best_step", "stopped_early",
-                "train_tokens_per_second", "warmup_seconds"):
+                "train_tokens_per_second", "warmup_seconds", "train_step_ms_median"):
         trial.set_user_attr(key, summary[key])
     for key, value in metrics.items():
         trial.set_user_attr(key, value)

@@ -107,6 +107,15 @@ def test_sweep_stacks_each_cells_lrs(tmp_path):
     assert len({t.user_attrs["run_key"] for t in complete}) == 6
     assert all(t.user_attrs["steps"] == TINY_RUN["trainer"]["max_steps"] for t in complete)
     assert all(t.duration is not None and t.duration.total_seconds() > 0 for t in complete)  # each has its start
+    # the report's stack table: one row a stack, its members' trial numbers, a wall time, its best member
+    table = (tmp_path / "runs" / "stacked" / "report" / "report.md").read_text().split("## Stacks")[1]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert sorted(row[0][2:] for row in rows) == sorted(",".join(map(str, sorted(g))) for g in groups)
+    for row in rows:
+        members = [t for t in complete if str(t.number) in row[0][2:].split(",")]
+        best = max(members, key=lambda t: t.value)
+        assert row[1] in ("attention", "gla") and row[2].endswith(" s") and row[5] == str(TINY_RUN["trainer"]["max_steps"])
+        assert row[6] == f"{best.value:.4f} ({best.params['trainer.lr']:g})"
 
 
 def test_model_seed_sets_the_weights_not_the_batches(tmp_path):

@@ -72,6 +72,7 @@ def test_grid_two_workers_report_and_tensorboard(tmp_path):
     assert "gka gating=False" in table and "attention" in table
     cell_lines = [line for line in table.splitlines() if line.startswith(("| gka", "| attention"))]
     assert len(cell_lines) == 3, table
+    assert "## Stacks" not in table  # one run a trial: no stack table
     events = EventAccumulator(str(report / "tb"))
     events.Reload()
     assert {"report/ablation", "report/accuracy_vs_d_model"} <= set(events.Tags()["images"])
