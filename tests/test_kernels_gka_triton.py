@@ -249,10 +249,10 @@ def test_torch_compile_keeps_one_graph(gated):
     inputs = make_inputs(17, 37, initial_state=True, key_dim=16, value_dim=12, **ungated)
     names = [n for n in ("q", "k", "v", "g", "alpha", "H_0", "U_0") if inputs.get(n) is not None]
     args = [inputs[n].float() for n in names]
-    options = {"num_iter": 30, "chunk_size": 16, "backend": "triton"}
+    options = {"num_iter": 4, "chunk_size": 16, "backend": "triton"}
     qkv = [a.clone().requires_grad_() for a in args[:3]]
     gates = args[3:5] if gated else [None, None]
-    torch.library.opcheck(_gka_chunk, (*qkv, *gates, *args[-2:], 0.02, True, False, 30, 0.25, 16))
+    torch.library.opcheck(_gka_chunk, (*qkv, *gates, *args[-2:], 0.02, True, False, 4, 0.25, 16))
 
     def layer(q, k, v, *rest):
         g, alpha = rest[:2] if gated else (None, None)
@@ -284,7 +284,7 @@ def test_inductor_compiles_conv_and_gka_around_the_ops():
 
     def layer(q, k, v, g, alpha, weight):
         mixed = short_conv(v.flatten(2), weight, backend="triton").unflatten(2, v.shape[2:])
-        return gka(q * 1.1, k, mixed, g, alpha, backend="triton", num_iter=20, chunk_size=16).square().sum()
+        return gka(q * 1.1, k, mixed, g, alpha, backend="triton", num_iter=4, chunk_size=16).square().sum()
 
     scales = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1, 1)
     stacked = (*(t.expand(3, *t.shape) for t in (q, k)), v * scales, *(t.expand(3, *t.shape) for t in (g, alpha)))
