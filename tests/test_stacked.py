@@ -118,6 +118,24 @@ def test_sweep_stacks_each_cells_lrs(tmp_path):
         assert row[6] == f"{best.value:.4f} ({best.params['trainer.lr']:g})"
 
 
+def test_two_stacked_workers_train_every_run_once(tmp_path):
+    """Two workers each take cells (a GPU shared by two stacks): every run trains once, in a stack of its cell's
+    lrs; a worker that drew a point of a cell already taken records it as a duplicate and trains nothing."""
+    config = write_sweep(tmp_path, {
+        "study": "stacked2", "lrs": [1e-3, 1e-2, 3e-2], "stack_lrs": True,
+        "variants": {"attention": {"model.name": "attention"}, "gla": {"model.name": "gla"}},
+        "space": {"model.d_model": [16, 32]},
+    })
+    summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"], workers=2)
+    assert summary["counts"]["complete"] == 12 and summary["counts"]["failed"] == 0, summary
+    trials = trials_of(tmp_path, "stacked2")
+    complete = by_state(trials, TrialState.COMPLETE)
+    assert len({t.user_attrs["run_key"] for t in complete}) == 12
+    groups = {tuple(t.user_attrs["stacked_with"]) for t in complete}
+    assert len(groups) == 4 and all(len(g) == 3 for g in groups)
+    assert all("duplicate_of" in t.user_attrs for t in by_state(trials, TrialState.PRUNED))
+
+
 def test_model_seed_sets_the_weights_not_the_batches(tmp_path):
     from lab.train import init_model
 
