@@ -226,8 +226,8 @@ def stacks_section(runs: list[dict], sweep: Sweep) -> list[str]:
     sign = 1 if sweep.cfg.direction == "maximize" else -1
     lines = ["", "## Stacks", "", f"| trials | cell | wall | warm-up | step | steps | {metric}: best (lr) | started |",
              "|---|---|---|---|---|---|---|---|"]
-    for members in sorted(stacks.values(), key=lambda m: min(r["started"] for r in m)):
-        started = min(r["started"] for r in members)
+    # runs come in trial order, so each stack's members do too
+    for started, members in sorted(((min(r["started"] for r in m), m) for m in stacks.values()), key=lambda p: p[0]):
         wall = (max(r["completed"] for r in members) - started).total_seconds()
         scored = [r for r in members if r.get(metric) is not None and not _nan(r[metric])]
         best = max(scored, key=lambda r: sign * r[metric]) if scored else None
@@ -235,7 +235,7 @@ def stacks_section(runs: list[dict], sweep: Sweep) -> list[str]:
         warmup = max((r["warmup_seconds"] for r in members if r.get("warmup_seconds") is not None), default=None)
         step_ms = [r["train_step_ms_median"] for r in members if r.get("train_step_ms_median")]
         lines.append(" | ".join([
-            f"| {','.join(str(r['trial']) for r in sorted(members, key=lambda r: r['trial']))}",
+            f"| {','.join(str(r['trial']) for r in members)}",
             sweep.describe({k: v for k, v in members[0]["overrides"].items() if k not in MEMBER_AXES}) or "(base)",
             f"{wall:.0f} s", "" if warmup is None else f"{warmup:.0f} s",
             f"{statistics.median(step_ms):.1f} ms" if step_ms else "",
