@@ -66,10 +66,29 @@ def open_storage(sweep: Sweep):
     raise AssertionError("unreachable")
 
 
+class FreePointGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, except that a new trial never gets a point already taken while one is free.
+
+    Optuna gives trial n the grid's point n while n is below the grid's size (one trial a point, in trial order).
+    A stacked sweep (sweeps/stacking.py) creates its cell's other trials itself, each with its own point, so point
+    n may be a sibling's by then; that trial would only be recorded as a duplicate. It draws a free point instead,
+    at random from the sampler's seeded generator, as Optuna does for trials past the grid's size. (With no point
+    free, Optuna's own fallback stands: a point re-evaluated, which the worker records as a duplicate.)
+    """
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+            return super().before_trial(study, trial)  # a retried or enqueued trial keeps its point
+        free = self._get_unvisited_grid_ids(study)
+        super().before_trial(study, trial)
+        if free and study._storage.get_trial_system_attrs(trial._trial_id)["grid_id"] not in free:
+            study._storage.set_trial_system_attr(trial._trial_id, "grid_id", int(self._rng.rng.choice(free)))
+
+
 def make_sampler(sweep: Sweep) -> optuna.samplers.BaseSampler:
     cfg = sweep.cfg
     if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler(sweep.grid_space(), seed=cfg.seed)
+        return FreePointGridSampler(sweep.grid_space(), seed=cfg.seed)
     if cfg.sampler == "tpe":
         # constant_liar: parallel workers do not all propose the same point while others are running
         return optuna.samplers.TPESampler(seed=cfg.seed, constant_liar=cfg.workers > 1)

@@ -101,6 +101,8 @@ def test_sweep_stacks_each_cells_lrs(tmp_path):
     })
     summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"], workers=1)
     assert summary["counts"]["complete"] == 6 and summary["counts"]["failed"] == 0, summary
+    # the grid sampler counts a stack's sibling points as taken (stacking sets their grid ids): it hands none out again
+    assert summary["counts"]["duplicates"] == 0, summary
     complete = by_state(trials_of(tmp_path, "stacked"), TrialState.COMPLETE)
     groups = {tuple(t.user_attrs["stacked_with"]) for t in complete}
     assert len(groups) == 2 and all(len(g) == 3 for g in groups)  # each cell's three lrs in one stack
