@@ -99,7 +99,13 @@ def _other_members(sweep: Sweep, overrides: dict) -> list[dict]:
 
 
 def _new_running_trial(study: optuna.Study, first: Trial, params: dict) -> Trial:
-    """A RUNNING trial of this worker with these params; a grid sampler counts its grid point as taken."""
+    """A RUNNING trial of this worker with these params; a grid sampler counts its grid point as taken.
+
+    A member of a stack whose worker died has a WAITING re-run copy (the heartbeat's retry); that copy is taken
+    (WAITING -> RUNNING fails if another worker took it first), so the re-run is the trial that trains."""
+    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if waiting.params == params and study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
+            return Trial(study, waiting._trial_id)
     system_attrs = {}
     sampler = study.sampler
     first_attrs = study._storage.get_trial_system_attrs(first._trial_id)

@@ -1,8 +1,15 @@
 """Stacked training (lab/stacked.py): members of one stack must train exactly as they would alone."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import optuna
 import pytest
+import sqlalchemy
 import torch
 from optuna.trial import TrialState
 from torch.func import functional_call, stack_module_state, vmap
@@ -13,7 +20,7 @@ from lab.models import MODELS, build_model
 from lab.stacked import train_stacked
 from lab.train import train
 from sweeps.runner import run_sweep
-from tests.test_sweeps import TINY_RUN, by_state, trials_of, write_sweep
+from tests.test_sweeps import ROOT, TINY_RUN, by_state, trials_of, write_sweep
 
 TINY = ["task.vocab_size=64", "task.seq_len=32", "task.num_kv_pairs=2", "data.num_train=512", "data.num_test=64",
         "model.d_model=16", "model.num_layers=1", "trainer.batch_size=32", "trainer.max_steps=12",
@@ -136,6 +143,48 @@ def test_two_stacked_workers_train_every_run_once(tmp_path):
     groups = {tuple(t.user_attrs["stacked_with"]) for t in complete}
     assert len(groups) == 4 and all(len(g) == 3 for g in groups)
     assert all("duplicate_of" in t.user_attrs for t in by_state(trials, TrialState.PRUNED))
+
+
+def test_resume_after_a_stack_is_killed(tmp_path):
+    """SIGKILL the worker mid-stack (a lent GPU taken back): relaunching trains the killed cell again as one stack
+    of the killed members' re-run copies, keeps the finished one, and trains no run twice."""
+    run = {**TINY_RUN, "trainer": {**TINY_RUN["trainer"], "max_steps": 400, "val_every_n_steps": 100},
+           "data": {"num_train": 4096, "num_test": 64}}
+    config = write_sweep(tmp_path, {
+        "study": "killed", "lrs": [1e-3, 1e-2], "stack_lrs": True,
+        "variants": {"attention": {"model.name": "attention"}, "gla": {"model.name": "gla"}},
+    }, run)
+    command = [sys.executable, "-m", "lab.cli", "sweep", "--config", config, f"runs_dir={tmp_path / 'runs'}"]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    storage = f"sqlite:///{tmp_path / 'runs' / 'killed' / 'study.db'}"
+    victims, deadline = [], time.time() + 180
+    while not victims and time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
+        except (KeyError, sqlalchemy.exc.OperationalError):
+            continue  # the launcher is still creating the database
+        # kill the second stack mid-training, once the first stack's members are done
+        if len(by_state(trials, TrialState.COMPLETE)) == 2:
+            victims = [t for t in trials if t.state == TrialState.RUNNING and "pid" in t.user_attrs]
+    assert len(victims) == 2, launcher.communicate()[0]
+    time.sleep(1.0)
+    os.kill(victims[0].user_attrs["pid"], signal.SIGKILL)
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 1, output  # runs were left
+
+    summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    assert summary["counts"]["left"] == 0 and summary["counts"]["complete"] == 4, summary
+    trials = trials_of(tmp_path, "killed")
+    assert all(t.state == TrialState.FAIL and "error" not in t.user_attrs
+               for t in trials if t.number in {v.number for v in victims})
+    complete = by_state(trials, TrialState.COMPLETE)
+    assert len({t.user_attrs["run_key"] for t in complete}) == len(complete) == 4
+    assert {t.user_attrs["run_key"] for t in complete} >= {v.user_attrs["run_key"] for v in victims}
+    assert {len(t.user_attrs["stacked_with"]) for t in complete} == {2}  # the killed cell again as one stack
+    reruns = [t for t in complete if "failed_trial" in t.system_attrs]
+    assert sorted(t.system_attrs["failed_trial"] for t in reruns) == sorted(v.number for v in victims)
+    assert len(trials) == 6 and summary["counts"]["duplicates"] == 0
 
 
 def test_model_seed_sets_the_weights_not_the_batches(tmp_path):
