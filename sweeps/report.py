@@ -206,9 +206,15 @@ def time_section(runs: list[dict], launched: list[dict], done: int, budget: int)
                       + (f", GPUs {','.join(launch['gpus'])}" if launch["gpus"] else "")
                       + (f", {_counted(launch['gpu_names'])}" if launch.get("gpu_names") else "")
                       + f"): {launch['seconds']:.0f} s" for launch in launched)
+    # launches recorded since 2026-12-07 know when their last trial finished; a launch cut off with its machine
+    # spent the rest on runs that start again
+    tail = sum(launch["seconds"] - launch["last_result_seconds"] for launch in launched if "last_result_seconds" in launch)
     return (f"Time: {total:.0f} s ({total / 3600:.2f} h) of wall time over {len(launched)} launch(es)"
-            + (f" [{where}]" if launched else "") + f"; the runs' training time summed: {training:.0f} s "
-            f"({training / 3600:.2f} h)." + _progress(total, done, budget))
+            + (f" [{where}]" if launched else "")
+            + (f", of which {tail:.0f} s after a launch's last finished trial (the closing report, or a stack cut "
+               f"off with its machine, to be run again)" if tail >= 1 else "")
+            + f"; the runs' training time summed: {training:.0f} s ({training / 3600:.2f} h)."
+            + _progress(total, done, budget))
 
 
 def stacks_section(runs: list[dict], sweep: Sweep) -> list[str]:

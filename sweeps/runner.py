@@ -170,6 +170,8 @@ def _monitor(sweep: Sweep, study: optuna.Study, procs: list[subprocess.Popen], b
                     launch.trial_taken()
                 if trial.state.is_finished() and trial.number not in reported:
                     reported.add(trial.number)
+                    if trial.state != TrialState.FAIL or "error" in trial.user_attrs:  # not a lost one
+                        launch.result_in()
                     progress.console.print(trial_line(trial, sweep))
             progress.update(bar, completed=min(budget, done_count(sweep, study.get_trials(deepcopy=False))))
             if not alive:

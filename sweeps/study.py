@@ -188,6 +188,7 @@ class LaunchRecord:
         self.key = f"{LAUNCH_PREFIX}{HOST} {os.getpid()} {now}"
         self.started = self.saved = time.perf_counter()
         self.took_a_trial = False
+        self.last_result = None  # when a trial last finished with a result during this launch
         gpus = sorted(set(placement))
         self.info = {"host": HOST, "started": now, "workers": cfg.workers, "gpus": gpus,
                      "gpu_names": gpu_names(gpus), "stack_lrs": cfg.stack_lrs, "time_limit": cfg.time_limit}
@@ -197,11 +198,18 @@ class LaunchRecord:
             self.took_a_trial = True
             self.save()
 
+    def result_in(self) -> None:
+        self.last_result = time.perf_counter()
+
     def save(self) -> None:
         if not self.took_a_trial:
             return
         self.saved = time.perf_counter()
-        self.study.set_user_attr(self.key, {**self.info, "seconds": round(self.saved - self.started, 1)})
+        record = {**self.info, "seconds": round(self.saved - self.started, 1)}
+        if self.last_result is not None:
+            # what came after it bought no result: the closing report, or a stack cut off with its machine
+            record["last_result_seconds"] = round(self.last_result - self.started, 1)
+        self.study.set_user_attr(self.key, record)
 
     def save_every(self, seconds: float) -> None:
         if time.perf_counter() - self.saved >= seconds:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import optuna
 import pytest
@@ -20,6 +21,7 @@ from lab.models import MODELS, build_model
 from lab.stacked import train_stacked
 from lab.train import train
 from sweeps.runner import run_sweep
+from sweeps.study import launches
 from tests.test_sweeps import ROOT, TINY_RUN, by_state, trials_of, write_sweep
 
 TINY = ["task.vocab_size=64", "task.seq_len=32", "task.num_kv_pairs=2", "data.num_train=512", "data.num_test=64",
@@ -185,6 +187,12 @@ def test_resume_after_a_stack_is_killed(tmp_path):
     reruns = [t for t in complete if "failed_trial" in t.system_attrs]
     assert sorted(t.system_attrs["failed_trial"] for t in reruns) == sorted(v.number for v in victims)
     assert len(trials) == 6 and summary["counts"]["duplicates"] == 0
+    # each launch knows when its last trial finished: the killed one at the first stack's end, before its own end
+    first_stack_end = max(t.datetime_complete for t in complete if t.number < 2)
+    records = launches(optuna.load_study(study_name="killed", storage=storage))
+    assert len(records) == 2 and all(0 < r["last_result_seconds"] <= r["seconds"] for r in records)
+    started = datetime.fromisoformat(records[0]["started"]).astimezone().replace(tzinfo=None)
+    assert abs((first_stack_end - started).total_seconds() - records[0]["last_result_seconds"]) < 3
 
 
 def test_model_seed_sets_the_weights_not_the_batches(tmp_path):

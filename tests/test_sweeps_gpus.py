@@ -93,6 +93,9 @@ def test_a_launch_records_its_gpu_models(tmp_path, monkeypatch):
     assert "Done:" not in time_section([], [launch], 10, 10)  # a finished study: no progress line
     assert time_section([], [launch], 6, 112).endswith(
         " Done: 6 of 112 trials; at 100 s a trial so far, the 106 left would take about 2.9 h more.")
+    assert "of which" not in time_section([], [launch], 10, 10)  # a launch recorded before the field existed
+    cut = {**launch, "seconds": 995.1, "last_result_seconds": 517.0}  # its last stack cut off with the machine
+    assert "): 995 s], of which 478 s after a launch's last finished trial" in time_section([], [launch, cut], 10, 10)
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert gpu_names([]) == []
 
