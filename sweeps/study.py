@@ -14,7 +14,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from lab.errors import LabError
-from sweeps.spec import Sweep
+from sweeps.spec import MEMBER_AXES, Sweep
 
 # heartbeats and trial retries are marked experimental in Optuna; they are what resuming relies on
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -67,28 +67,39 @@ def open_storage(sweep: Sweep):
 
 
 class FreePointGridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler, except that a new trial never gets a point already taken while one is free.
+    """Optuna's grid sampler, except that a new trial never gets a point already taken while one is free, and, in
+    a stacked sweep, prefers a point of a cell no trial has yet.
 
     Optuna gives trial n the grid's point n while n is below the grid's size (one trial a point, in trial order).
     A stacked sweep (sweeps/stacking.py) creates its cell's other trials itself, each with its own point, so point
-    n may be a sibling's by then; that trial would only be recorded as a duplicate. It draws a free point instead,
-    at random from the sampler's seeded generator, as Optuna does for trials past the grid's size. (With no point
-    free, Optuna's own fallback stands: a point re-evaluated, which the worker records as a duplicate.)
+    n may be a sibling's by then; that trial would only be recorded as a duplicate. And a worker that drew a point
+    of a cell whose stack another worker is still building would train that run beside it. So a trial draws from
+    the points of untouched cells (a cell: a point up to `member_axes`, its lr and seed), else from the free
+    points, at random from the sampler's seeded generator, as Optuna does for trials past the grid's size. (With
+    no point free, Optuna's own fallback stands: a point re-evaluated, which the worker records as a duplicate.)
     """
+
+    def __init__(self, search_space: dict, seed: int | None = None, member_axes: tuple[str, ...] = ()):
+        super().__init__(search_space, seed=seed)
+        cell_axes = [i for i, name in enumerate(self._param_names) if name not in member_axes]
+        self._cell_of = [tuple(point[i] for i in cell_axes) for point in self._all_grids]
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
             return super().before_trial(study, trial)  # a retried or enqueued trial keeps its point
         free = self._get_unvisited_grid_ids(study)
+        touched = {self._cell_of[g] for g in set(range(len(self._all_grids))) - set(free)}
+        candidates = [g for g in free if self._cell_of[g] not in touched] or free
         super().before_trial(study, trial)
-        if free and study._storage.get_trial_system_attrs(trial._trial_id)["grid_id"] not in free:
-            study._storage.set_trial_system_attr(trial._trial_id, "grid_id", int(self._rng.rng.choice(free)))
+        if candidates and study._storage.get_trial_system_attrs(trial._trial_id)["grid_id"] not in candidates:
+            study._storage.set_trial_system_attr(trial._trial_id, "grid_id", int(self._rng.rng.choice(candidates)))
 
 
 def make_sampler(sweep: Sweep) -> optuna.samplers.BaseSampler:
     cfg = sweep.cfg
     if cfg.sampler == "grid":
-        return FreePointGridSampler(sweep.grid_space(), seed=cfg.seed)
+        return FreePointGridSampler(sweep.grid_space(), seed=cfg.seed,
+                                    member_axes=MEMBER_AXES if cfg.stack_lrs else ())
     if cfg.sampler == "tpe":
         # constant_liar: parallel workers do not all propose the same point while others are running
         return optuna.samplers.TPESampler(seed=cfg.seed, constant_liar=cfg.workers > 1)

@@ -129,6 +129,23 @@ def test_sweep_stacks_each_cells_lrs(tmp_path):
         assert row[6] == f"{best.value:.4f} ({best.params['trainer.lr']:g})"
 
 
+@pytest.mark.parametrize("member_axes", [("trainer.lr",), ()])
+def test_grid_sampler_draws_an_untouched_cell_first(member_axes):
+    """While another worker builds its stack, a new trial gets a point of a cell no trial has yet (stacked sweeps);
+    a one-by-one sweep's cells are single points, so any free point does."""
+    from sweeps.study import FreePointGridSampler
+
+    same_cell = 0
+    for seed in range(10):
+        sampler = FreePointGridSampler({"variant": ["a", "b", "c"], "trainer.lr": [1, 2, 3, 4]}, seed=seed,
+                                       member_axes=member_axes)
+        study = optuna.create_study(sampler=sampler)
+        first, second = study.ask(), study.ask()  # the first trial's stack is still being built
+        variants = [trial.suggest_categorical("variant", ["a", "b", "c"]) for trial in (first, second)]
+        same_cell += variants[0] == variants[1]
+    assert same_cell == 0 if member_axes else same_cell > 0
+
+
 def test_two_stacked_workers_train_every_run_once(tmp_path):
     """Two workers each take cells (a GPU shared by two stacks): every run trains once, in a stack of its cell's
     lrs; a worker that drew a point of a cell already taken records it as a duplicate and trains nothing."""
