@@ -24,6 +24,7 @@ from lab.config import RunConfig, flatten, to_dict
 from lab.data import TaskDataModule
 from lab.errors import LabError
 from lab.module import compile_fresh, example_stats, lr_schedule, supervised_logits, supervised_positions
+from lab.pace import Pace, validations
 from lab.train import StepTimer, check_gpu_present, init_model, quiet_lightning, run_directory, write_summary
 
 # Keys members may differ in; everything else must match (one architecture, one data stream).
@@ -125,11 +126,14 @@ def pick_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
-def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | None = None) -> list[dict]:
+def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | None = None,
+                  end_by: float = 0.0) -> list[dict]:
     """Train `runs` (same config but trainer.lr) as one stacked model; one summary per member, in order.
 
-    A member that diverges gets {"error": ...} instead of a summary (the others go on).
+    A member that diverges gets {"error": ...} instead of a summary (the others go on). `end_by` (a time.time()
+    value, 0 = none): raise lab.pace.OutOfTime after the first steps if the stack's pace says it ends later.
     """
+    began = time.perf_counter()
     quiet_lightning()
     check_stackable(runs)
     first = runs[0]
@@ -173,6 +177,7 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
     lr_factor = lr_schedule(cfg, total_steps)
     autocast = AUTOCAST.get(cfg.precision)
     num_members = len(runs)
+    pace = Pace(end_by, total_steps, validations(cfg, total_steps) * len(val_loader), began) if end_by else None
 
     def member_logits(inputs, labels, logits_fn=logits_of):
         """Logits [M, N, vocab] at the batch's N labelled positions, their targets and the [B, T] mask (on the
@@ -218,6 +223,8 @@ def train_stacked(runs: list[RunConfig], prune_hooks: list[PruneHook | None] | N
             tokens += inputs.numel()
             step += 1
             timer.pending += 1
+            if pace is not None:
+                pace.after_step(step, timer.stop)
             if step % cfg.log_every_n_steps == 0:  # logging waits for the GPU anyway: close the timing window
                 timer.stop()
                 _check_finite(members, losses, step - 1, lrs)

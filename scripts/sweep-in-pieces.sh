@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One piece of a long sweep on a machine held for minutes at a time (a lent or preemptible GPU host): starts the
-# sweep detached, with a time limit, unless one already runs; waits up to WAIT s; copies the study database
+# sweep detached, with a deadline (DEADLINE: sweep.deadline, no run is cut off) and/or a time limit (LIMIT), unless
+# one already runs; waits up to WAIT s; copies the study database
 # (sqlite's online backup: consistent while the sweep writes) to $OUT/study.backup.db every minute and at the end;
 # tars runs/ (no checkpoints, event files or the live database) to $OUT/runs.tgz. Call it again to wait on.
-#   SEED_DB=results/mqar_paper/study.db LIMIT=15m WAIT=540 OUT=/tmp/out \
+#   SEED_DB=results/mqar_paper/study.db DEADLINE=25m WAIT=540 OUT=/tmp/out \
 #     scripts/sweep-in-pieces.sh configs/sweeps/mqar_paper.yaml sweep.stack_lrs=true trainer.compile=true
 # The live database sits at LIVE_DB (default runs/live/study.db, git-ignored), copied from SEED_DB only when
 # absent: a tool that re-sends the working tree (tracked files included) before every call must not overwrite it.
@@ -16,11 +17,12 @@ mkdir -p "$(dirname "$LIVE_DB")" "$OUT" runs
 if [ ! -f "$LIVE_DB" ] && [ -n "${SEED_DB:-}" ]; then cp "$SEED_DB" "$LIVE_DB"; fi
 pidfile=runs/sweep-in-pieces.pid
 running() { [ -f $pidfile ] && kill -0 "$(cat $pidfile)" 2>/dev/null; }
-if [ -n "${LIMIT:-}" ] && ! running; then
-  setsid nohup $LAB sweep --config "$config" "$@" "sweep.storage=sqlite:///$LIVE_DB" "sweep.time_limit=$LIMIT" \
+if [ -n "${LIMIT:-}${DEADLINE:-}" ] && ! running; then
+  setsid nohup $LAB sweep --config "$config" "$@" "sweep.storage=sqlite:///$LIVE_DB" \
+    ${LIMIT:+"sweep.time_limit=$LIMIT"} ${DEADLINE:+"sweep.deadline=$DEADLINE"} \
     >> runs/sweep-in-pieces.log 2>&1 < /dev/null &
   echo $! > $pidfile
-  echo "launched pid $(cat $pidfile), time limit $LIMIT, at $(date -u +%T)"
+  echo "launched pid $(cat $pidfile), time limit ${LIMIT:-none}, deadline ${DEADLINE:-none}, at $(date -u +%T)"
 fi
 backup() {
   python3 - "$LIVE_DB" "$OUT/study.backup.db" <<'PY'

@@ -211,8 +211,8 @@ def time_section(runs: list[dict], launched: list[dict], done: int, budget: int)
     tail = sum(launch["seconds"] - launch["last_result_seconds"] for launch in launched if "last_result_seconds" in launch)
     return (f"Time: {total:.0f} s ({total / 3600:.2f} h) of wall time over {len(launched)} launch(es)"
             + (f" [{where}]" if launched else "")
-            + (f", of which {tail:.0f} s after a launch's last finished trial (the closing report, or a stack cut "
-               f"off with its machine, to be run again)" if tail >= 1 else "")
+            + (f", of which {tail:.0f} s after a launch's last finished trial (the closing report, stacks "
+               f"sweep.deadline sent to a later launch, or a stack cut off with its machine, to be run again)" if tail >= 1 else "")
             + f"; the runs' training time summed: {training:.0f} s ({training / 3600:.2f} h)."
             + _progress(total, done, budget))
 

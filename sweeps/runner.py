@@ -13,7 +13,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lab.errors import LabError
 from sweeps.spec import Sweep, duration_seconds, load_sweep
-from sweeps.study import LaunchRecord, create_or_load, launch_seconds, recover_orphans, worker_on_this_host
+from sweeps.study import (
+    DEFERRED,
+    LaunchRecord,
+    create_or_load,
+    deferred_waiting,
+    launch_seconds,
+    recover_orphans,
+    requeue_deferred,
+    worker_on_this_host,
+)
 from sweeps.worker import done_count
 
 POLL_SECONDS = 1.0
@@ -36,23 +45,32 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpu
             raise LabError(f"--per-gpu {per_gpu}: must be >= 1")
         sweep.cfg.per_gpu = per_gpu
     placement = gpu_placement(sweep, workers_given=workers is not None)
+    if sweep.cfg.deadline and sweep.base_flat.get("trainer.devices", 1) > 1:
+        raise LabError("sweep.deadline with trainer.devices > 1: a DDP trial's ranks cannot stop together on the "
+                       "deadline yet; leave out sweep.deadline or train each trial on one device")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_or_load(sweep, create=True)
     _refuse_foreign_trials(sweep, study)
     out = console()
     for number in recover_orphans(study, sweep.cfg.max_retry):
         out.print(f"trial {number}: its worker had died; re-queued")
+    deferred = requeue_deferred(study)
+    if deferred:
+        out.print(f"trials {', '.join(map(str, deferred))}: deferred by an earlier launch's deadline; re-queued first")
     sweep_file = _write_sweep_file(sweep)
 
     budget = sweep.budget()
     on_gpus = f" on GPUs {','.join(sorted(set(placement), key=placement.index))}" if placement else ""
     out.print(f"study {sweep.cfg.study}: {budget} runs ({sweep.cfg.sampler} sampler), {sweep.cfg.workers} "
               f"worker(s){on_gpus}, storage {sweep.storage_shown}")
-    started = time.perf_counter()
-    # workers start no trial after the deadline (wall clock: it travels to them as a number)
-    deadline = time.time() + duration_seconds(sweep.cfg.time_limit) if sweep.cfg.time_limit else 0.0
+    started, now = time.perf_counter(), time.time()
+    # workers start no trial after the time limit, and none that would end after the deadline (wall clock: the
+    # times travel to them as numbers)
+    end_by = now + duration_seconds(sweep.cfg.deadline, "sweep.deadline") if sweep.cfg.deadline else 0.0
+    start_by = now + duration_seconds(sweep.cfg.time_limit) if sweep.cfg.time_limit else 0.0
+    start_by = min(start_by or end_by, end_by or start_by)
     launch = LaunchRecord(study, sweep.cfg, placement)
-    procs = _start_workers(sweep, sweep_file, placement, deadline)
+    procs = _start_workers(sweep, sweep_file, placement, start_by, end_by)
     try:
         _monitor(sweep, study, procs, budget, out, launch)
     except KeyboardInterrupt:
@@ -65,7 +83,7 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpu
                        f"`lab sweep --config {config}` again") from None
     launch.save()
     summary = _summary(sweep, study, time.perf_counter() - started)
-    summary["timed_out"] = bool(deadline) and time.time() >= deadline and summary["counts"]["left"] > 0
+    summary["timed_out"] = bool(start_by) and time.time() >= start_by and summary["counts"]["left"] > 0
     _print_summary(summary, out)
     if sweep.cfg.report and summary["counts"]["complete"]:
         from sweeps.report import write_report
@@ -128,7 +146,8 @@ def gpu_placement(sweep: Sweep, workers_given: bool) -> list[str]:
     return [names[cfg.gpus[i % len(cfg.gpus)]].strip() for i in range(wanted)]
 
 
-def _start_workers(sweep: Sweep, sweep_file: Path, placement: list[str], deadline: float) -> list[subprocess.Popen]:
+def _start_workers(sweep: Sweep, sweep_file: Path, placement: list[str], start_by: float,
+                   end_by: float) -> list[subprocess.Popen]:
     logs = sweep.study_dir / "logs"
     logs.mkdir(exist_ok=True)
     threads = sweep.cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // sweep.cfg.workers)
@@ -140,7 +159,8 @@ def _start_workers(sweep: Sweep, sweep_file: Path, placement: list[str], deadlin
             env["CUDA_VISIBLE_DEVICES"] = placement[index]
         # own session: Ctrl-C reaches the launcher only, which stops the workers itself
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "sweeps.worker", str(sweep_file), str(index), str(threads), repr(deadline)],
+            [sys.executable, "-m", "sweeps.worker", str(sweep_file), str(index), str(threads), repr(start_by),
+             repr(end_by)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env))
         log.close()
     return procs
@@ -195,6 +215,8 @@ def trial_line(trial: FrozenTrial, sweep: Sweep) -> str:
         return f"{head}  [yellow]pruned[/]   at step {attrs.get('pruned_at')}  {label}"
     if "error" in attrs:
         return f"{head}  [red]FAILED[/]   {attrs['error']}  {label}"
+    if DEFERRED in attrs:
+        return f"{head}  [yellow]deferred[/] {attrs[DEFERRED]}; the next launch runs it first  {label}"
     return f"{head}  [red]lost[/]     its worker died; re-queued  {label}"
 
 
@@ -205,7 +227,8 @@ def _summary(sweep: Sweep, study: optuna.Study, seconds: float) -> dict:
         "pruned": sum(t.state == TrialState.PRUNED and "duplicate_of" not in t.user_attrs for t in trials),
         "failed": sum(t.state == TrialState.FAIL and "error" in t.user_attrs for t in trials),
         "duplicates": sum("duplicate_of" in t.user_attrs for t in trials),
-        "lost": sum(t.state == TrialState.FAIL and "error" not in t.user_attrs for t in trials),
+        "lost": sum(t.state == TrialState.FAIL and not {"error", DEFERRED} & t.user_attrs.keys() for t in trials),
+        "deferred": len(deferred_waiting(trials)),  # re-queued by the next launch
         "left": max(0, sweep.budget() - done_count(sweep, study.get_trials(deepcopy=False))),
     }
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -218,7 +241,7 @@ def _summary(sweep: Sweep, study: optuna.Study, seconds: float) -> dict:
     study_seconds, launches = launch_seconds(study)
     return {"study": sweep.cfg.study, "storage": sweep.storage_shown, "counts": counts, "best": best,
             "metric": sweep.cfg.metric, "seconds": seconds, "study_seconds": study_seconds, "launches": launches,
-            "time_limit": sweep.cfg.time_limit}
+            "time_limit": sweep.cfg.time_limit, "deadline": sweep.cfg.deadline}
 
 
 def _print_summary(summary: dict, out) -> None:
@@ -231,5 +254,6 @@ def _print_summary(summary: dict, out) -> None:
         best = summary["best"]
         out.print(f"best: trial {best['trial']}  {summary['metric']} {best['value']:.3f}  {best['run']}")
     if counts["left"]:
-        reason = f"time limit {summary['time_limit']} reached; " if summary["timed_out"] else ""
+        reason = (f"time limit {summary['time_limit'] or summary['deadline']} reached; " if summary["timed_out"]
+                  else "")
         out.print(f"{reason}{counts['left']} runs left: run the same command again to continue")

@@ -72,6 +72,9 @@ class SweepConfig:
     max_retry: int = 2  # re-runs of a trial whose worker died
     report: bool = True  # write runs/<study>/report/ when the study ends
     time_limit: str | None = None  # e.g. 2h, 90m, 600 (s): start no trial after this long; a rerun goes on
+    # e.g. 25m: the launch must be done by then (a machine that goes back); a trial whose first steps' pace says it
+    # would end later stops and goes back to the queue (lab/pace.py); a stack too long for a whole launch splits
+    deadline: str | None = None
 
 
 @dataclass
@@ -323,6 +326,8 @@ def _validate(cfg: SweepConfig) -> None:
             raise LabError(f"sweep.variants.{name}: must be a mapping of run keys, e.g. {{model.name: gka}}")
     if cfg.time_limit is not None:
         duration_seconds(cfg.time_limit)
+    if cfg.deadline is not None:
+        duration_seconds(cfg.deadline, "sweep.deadline")
     for key in ("heartbeat_interval", "grace_period"):
         if getattr(cfg, key) < 1:
             raise LabError(f"sweep.{key}={getattr(cfg, key)}: must be >= 1 second")
@@ -399,11 +404,11 @@ def _check_runs(sweep: Sweep) -> None:
             raise LabError(f"sweep cell {cell_key(overrides, with_lr=True)}: {err}") from None
 
 
-def duration_seconds(text: str) -> float:
-    """`sweep.time_limit`: `600`, `600s`, `90m`, `2h` or `1.5h` -> seconds."""
+def duration_seconds(text: str, key: str = "sweep.time_limit") -> float:
+    """`sweep.time_limit` or `sweep.deadline`: `600`, `600s`, `90m`, `2h` or `1.5h` -> seconds."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(text))
     if not match or float(match[1]) <= 0:
-        raise LabError(f"sweep.time_limit={text!r}: a duration > 0 like 600 (seconds), 600s, 90m or 2h")
+        raise LabError(f"{key}={text!r}: a duration > 0 like 600 (seconds), 600s, 90m or 2h")
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 

@@ -4,12 +4,18 @@ any) as one stacked model.
 The first trial comes from the sampler as usual; the cell's other runs become trials of their own, created
 RUNNING by this worker (so no other worker takes them), each reported, pruned and recorded like a trial
 trained alone. The stacked training itself is `lab.stacked.train_stacked`.
+
+Under `sweep.deadline`, a stack whose first steps say it would end after the deadline stops there: its trials are
+deferred (FAILED, no error) and the next launch re-queues them first (sweeps.study.requeue_deferred). A stack that
+would not fit even a whole launch is split: its re-queued trials carry how many members a stack of them may take.
 """
 
 import itertools
+import shutil
 import threading
 import traceback
 from datetime import datetime
+from pathlib import Path
 
 import optuna
 import torch
@@ -18,12 +24,18 @@ from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lab.errors import LabError
+from lab.pace import OutOfTime
 from lab.stacked import train_stacked
-from sweeps.spec import LR_KEY, MEMBER_AXES, SEED_KEY, Sweep
+from sweeps.spec import LR_KEY, MEMBER_AXES, SEED_KEY, Sweep, duration_seconds
+from sweeps.study import STACK_MEMBERS, mark_deferred
 from sweeps.worker import describe_trial, pruning_monitor, record_summary, trial_run, yield_to_older_twin
 
+# a stack split to fit a launch gets this share of the launch's time (what its first steps said, plus margin)
+SPLIT_SHARE = 0.85
 
-def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
+
+def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int, end_by: float = 0.0) -> None:
+    """One cell's stack; `end_by` (time.time(), 0 = none): sweep.deadline's hour, see the module's doc."""
     fail_stale_trials(study)  # what study.optimize does before each trial: re-queue dead hosts' trials
     first = study.ask()
     members = []  # (trial, overrides)
@@ -33,8 +45,14 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
         _tell(study, first, state=TrialState.PRUNED)
         return
     members.append((first, overrides))
+    limit = first.user_attrs.get(STACK_MEMBERS)  # a split stack: its siblings are re-queued trials
     for point in _other_members(sweep, overrides):
-        sibling = _new_running_trial(study, first, {**first.params, **point})
+        if limit and len(members) >= limit:
+            break
+        params = {**first.params, **point}
+        sibling = _claim_waiting(study, params) if limit else _new_running_trial(study, first, params)
+        if sibling is None:
+            continue  # another stack took it
         sibling_overrides, owner = describe_trial(sibling, sweep)
         if owner is not None:  # trained or being trained elsewhere (the older trial of a run trains)
             sibling.set_user_attr("duplicate_of", owner.number)
@@ -51,7 +69,10 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int) -> None:
     print(f"trials {', '.join(str(t.number) for t, _ in members)}: {cell} at {labels}, stacked", flush=True)
     beat = _Heartbeat(study._storage, [trial._trial_id for trial, _ in members], sweep.cfg.heartbeat_interval)
     try:
-        summaries = train_stacked(runs, hooks)
+        summaries = train_stacked(runs, hooks, end_by)
+    except OutOfTime as late:
+        _defer_stack(study, sweep, members, runs, late)
+        return
     except Exception as err:  # noqa: BLE001 - out of memory, a bug: every member fails, the study goes on
         message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if not isinstance(err, (LabError, torch.OutOfMemoryError)):
@@ -98,14 +119,43 @@ def _other_members(sweep: Sweep, overrides: dict) -> list[dict]:
     return [point for point in points if any(point[key] != overrides[key] for key in point)]
 
 
-def _new_running_trial(study: optuna.Study, first: Trial, params: dict) -> Trial:
-    """A RUNNING trial of this worker with these params; a grid sampler counts its grid point as taken.
+def _defer_stack(study: optuna.Study, sweep: Sweep, members: list, runs: list, late: OutOfTime) -> None:
+    """Stop a stack that would end after sweep.deadline; its trials wait for the next launch, split into smaller
+    stacks if even a whole launch is too short for this one (a stack's time taken as proportional to its members,
+    which holds where a cell keeps the GPU busy; others stack with little extra time and fit whole)."""
+    window = duration_seconds(sweep.cfg.deadline, "sweep.deadline")
+    fit = len(members)
+    if late.projected_seconds > SPLIT_SHARE * window:
+        fit = int(len(members) * SPLIT_SHARE * window / late.projected_seconds)
+    print(f"trials {', '.join(str(t.number) for t, _ in members)}: {late}; "
+          + (f"deferred to the next launch, in stacks of {fit}" if fit else "too long for any launch"), flush=True)
+    for (trial, _), run in zip(members, runs, strict=True):
+        if fit:
+            mark_deferred(trial, str(late), fit if fit < len(members) else None)
+        else:
+            trial.set_user_attr("error", f"OutOfTime: its stack of {len(members)} {late}; at that pace one run "
+                                         f"alone needs more than a launch of sweep.deadline={sweep.cfg.deadline}")
+        _tell(study, trial, state=TrialState.FAIL)
+        shutil.rmtree(Path(run.runs_dir) / run.experiment / run.run_name, ignore_errors=True)
 
-    A member of a stack whose worker died has a WAITING re-run copy (the heartbeat's retry); that copy is taken
-    (WAITING -> RUNNING fails if another worker took it first), so the re-run is the trial that trains."""
+
+def _claim_waiting(study: optuna.Study, params: dict) -> Trial | None:
+    """A WAITING trial with these params (a re-run copy), taken: WAITING -> RUNNING fails if another worker took it
+    first."""
     for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if waiting.params == params and study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
             return Trial(study, waiting._trial_id)
+    return None
+
+
+def _new_running_trial(study: optuna.Study, first: Trial, params: dict) -> Trial:
+    """A RUNNING trial of this worker with these params; a grid sampler counts its grid point as taken.
+
+    A member of a stack whose worker died, or deferred, has a WAITING re-run copy; that copy is taken, so the
+    re-run is the trial that trains."""
+    waiting = _claim_waiting(study, params)
+    if waiting is not None:
+        return waiting
     system_attrs = {}
     sampler = study.sampler
     first_attrs = study._storage.get_trial_system_attrs(first._trial_id)

@@ -183,6 +183,9 @@ def _differences(old: str, new: str) -> list[str]:
 
 
 LAUNCH_PREFIX = "launch "
+DEFERRED = "deferred"  # user attribute of a trial stopped by sweep.deadline: why
+STACK_MEMBERS = "stack_members"  # user attribute: the most members a stack of this cell may take (a split stack)
+REQUEUED_FROM = "requeued_from"  # system attribute of a deferred trial's WAITING copy: the deferred trial
 
 
 class LaunchRecord:
@@ -289,6 +292,36 @@ def recover_orphans(study: optuna.Study, max_retry: int) -> list[int]:
         retry(study, storage.get_trial(trial._trial_id))  # a WAITING copy (same params) runs next
         recovered.append(trial.number)
     return recovered
+
+
+def mark_deferred(trial: optuna.Trial, reason: str, stack_members: int | None = None) -> None:
+    """A trial stopped by sweep.deadline (lab/pace.py), to be ended FAILED: no error of its own, no result; the
+    next launch re-queues it (requeue_deferred). `stack_members`: the most members its cell's stacks may take."""
+    trial.set_user_attr(DEFERRED, reason)
+    if stack_members:
+        trial.set_user_attr(STACK_MEMBERS, stack_members)
+
+
+def deferred_waiting(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Deferred trials no launch has re-queued yet."""
+    requeued = {t.system_attrs.get(REQUEUED_FROM) for t in trials}
+    return [t for t in trials if t.state == TrialState.FAIL and DEFERRED in t.user_attrs and t.number not in requeued]
+
+
+def requeue_deferred(study: optuna.Study) -> list[int]:
+    """A WAITING copy of each deferred trial (same params and grid point), which workers take before new points.
+
+    Unlike a dead worker's retry, a deferral does not count against sweep.max_retry (its retry_history stays).
+    Returns the numbers of the trials re-queued."""
+    waiting = deferred_waiting(study.get_trials(deepcopy=False))
+    for trial in waiting:
+        system_attrs = {"failed_trial": trial.number, "retry_history": [], **trial.system_attrs,
+                        REQUEUED_FROM: trial.number}
+        user_attrs = {STACK_MEMBERS: trial.user_attrs[STACK_MEMBERS]} if STACK_MEMBERS in trial.user_attrs else {}
+        study.add_trial(optuna.create_trial(state=TrialState.WAITING, params=trial.params,
+                                            distributions=trial.distributions, user_attrs=user_attrs,
+                                            system_attrs=system_attrs))
+    return [t.number for t in waiting]
 
 
 def _alive(pid) -> bool:

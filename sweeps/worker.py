@@ -7,9 +7,11 @@ on any number of hosts sharing the storage.
 import gc
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import optuna
 import torch
@@ -17,9 +19,10 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from lab.errors import LabError
+from lab.pace import OutOfTime, PaceCallback
 from lab.train import ddp_child, train
-from sweeps.spec import Sweep, cell_key, load_sweep
-from sweeps.study import create_or_load, tag_worker
+from sweeps.spec import Sweep, cell_key, duration_seconds, load_sweep
+from sweeps.study import create_or_load, mark_deferred, tag_worker
 
 # A trial that did not fail for its own reasons (its worker died) is re-run; these ended for good.
 SETTLED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -57,7 +60,7 @@ class StepPruning(PyTorchLightningPruningCallback):
             trainer.should_stop = True
 
 
-def objective(sweep: Sweep, trial: optuna.Trial, threads: int) -> float:
+def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0.0) -> float:
     overrides, owner = describe_trial(trial, sweep)
     if owner is not None:
         trial.set_user_attr("duplicate_of", owner.number)
@@ -73,7 +76,15 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int) -> float:
     print(f"trial {trial.number}: {sweep.describe(overrides)}", flush=True)
     os.environ[DDP_TRIAL_ENV] = str(trial.number)
     try:
-        summary = train(run, callbacks=[pruning])
+        summary = train(run, callbacks=[pruning, *([PaceCallback(end_by)] if end_by else [])])
+    except OutOfTime as late:  # sweep.deadline: the trial waits for the next launch
+        if late.projected_seconds > duration_seconds(sweep.cfg.deadline, "sweep.deadline"):
+            trial.set_user_attr("error", f"OutOfTime: it {late}; longer than a launch of sweep.deadline="
+                                         f"{sweep.cfg.deadline}")
+        else:
+            mark_deferred(trial, str(late))
+        shutil.rmtree(Path(run.runs_dir) / run.experiment / run.run_name, ignore_errors=True)
+        raise
     except Exception as err:
         # NaN, out of memory, a bad cell: the trial is FAILED with its reason and the study goes on
         trial.set_user_attr("error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
@@ -183,8 +194,8 @@ def done_count(sweep: Sweep, trials: list) -> int:
     return len(done)
 
 
-def work(sweep_file: str, index: int, threads: int, deadline: float = 0.0) -> None:
-    """deadline: wall-clock time (time.time()) after which no trial starts; 0 = none."""
+def work(sweep_file: str, index: int, threads: int, start_by: float = 0.0, end_by: float = 0.0) -> None:
+    """start_by: wall-clock time (time.time()) after which no trial starts; end_by: sweep.deadline's; 0 = none."""
     sweep = load_sweep(sweep_file)
     study = create_or_load(sweep, create=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -193,18 +204,18 @@ def work(sweep_file: str, index: int, threads: int, deadline: float = 0.0) -> No
         return
     print(f"worker {index} on study {sweep.cfg.study} ({sweep.storage_shown})", flush=True)
     while not finished(sweep, study):
-        if deadline and time.time() >= deadline:
+        if start_by and time.time() >= start_by:
             print(json.dumps({"worker": index, "time_limit": sweep.cfg.time_limit}), flush=True)
             return
         if sweep.cfg.stack_lrs:
             from sweeps.stacking import train_cell_stack
 
-            train_cell_stack(sweep, study, threads)
+            train_cell_stack(sweep, study, threads, end_by)
             continue
         # one trial per call: the stop test above sees other workers' trials and re-queued ones
-        study.optimize(lambda trial: objective(sweep, trial, threads), n_trials=1, catch=(Exception,))
+        study.optimize(lambda trial: objective(sweep, trial, threads, end_by), n_trials=1, catch=(Exception,))
     print(json.dumps({"worker": index, "done": True}), flush=True)
 
 
 if __name__ == "__main__":
-    work(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
+    work(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *(float(arg) for arg in sys.argv[4:6]))

@@ -43,7 +43,7 @@ def test_each_worker_process_gets_its_gpu(sweep, monkeypatch, tmp_path):
                         lambda cmd, **kw: started.append((kw["env"]["CUDA_VISIBLE_DEVICES"], cmd[-1])))
     sweep.cfg.workers = 3
     sweep.study_dir.mkdir(parents=True)
-    runner._start_workers(sweep, tmp_path / "sweep.yaml", ["0", "1", "0"], deadline=0.0)
+    runner._start_workers(sweep, tmp_path / "sweep.yaml", ["0", "1", "0"], start_by=0.0, end_by=0.0)
     # each worker also gets the launch's deadline (0.0: no time limit)
     assert started == [("0", "0.0"), ("1", "0.0"), ("0", "0.0")]
 

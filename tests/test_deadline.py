@@ -1,0 +1,168 @@
+"""`sweep.deadline` (lab/pace.py): a run whose first steps say it would end after the deadline stops and waits for
+the next launch; no run is cut off with its machine, none is lost, none trains twice."""
+
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import sweeps.stacking
+from lab.config import load_config
+from lab.pace import MEASURED_STEPS, WARMUP_STEPS, OutOfTime, Pace
+from lab.stacked import train_stacked
+from sweeps.runner import run_sweep
+from sweeps.spec import load_sweep
+from sweeps.stacking import train_cell_stack
+from sweeps.study import DEFERRED, STACK_MEMBERS, create_or_load, requeue_deferred
+from sweeps.worker import objective
+from tests.test_stacked import TINY
+from tests.test_sweeps import TINY_RUN, by_state, write_sweep
+
+CHECK_STEP = WARMUP_STEPS + MEASURED_STEPS
+LONG_RUN = {**TINY_RUN, "trainer": {**TINY_RUN["trainer"], "max_steps": 40, "val_every_n_steps": 20}}
+
+
+def _paced(end_in: float, step_seconds: float, total_steps: int = 1000) -> None:
+    pace = Pace(time.time() + end_in, total_steps, validation_batches=0)
+    pace.after_step(WARMUP_STEPS, lambda: None)
+    time.sleep(step_seconds * MEASURED_STEPS)
+    pace.after_step(CHECK_STEP, lambda: None)
+
+
+def test_pace_stops_a_run_that_would_end_late():
+    with pytest.raises(OutOfTime) as late:
+        _paced(end_in=1.0, step_seconds=0.01)  # ~9.8 s of steps left, 1 s to go
+    assert 9.5 < late.value.projected_seconds < 60 and late.value.seconds_left < 1.0
+    _paced(end_in=300.0, step_seconds=0.01)  # ends in time: no error
+
+
+def test_pace_checks_once_and_only_syncs_there():
+    syncs = []
+    pace = Pace(time.time() - 1, total_steps=10_000, validation_batches=0)  # already late
+    for step in range(1, WARMUP_STEPS + 1):
+        pace.after_step(step, lambda step=step: syncs.append(step))
+    assert syncs == [WARMUP_STEPS]
+    with pytest.raises(OutOfTime):
+        pace.after_step(CHECK_STEP, lambda: syncs.append(CHECK_STEP))
+    pace.after_step(CHECK_STEP + 1, lambda: syncs.append(-1))
+    assert syncs == [WARMUP_STEPS, CHECK_STEP]
+
+
+def test_a_stack_in_time_trains_as_without_a_deadline(tmp_path, single_thread):
+    def stack(name, **kwargs):
+        runs = [load_config([], TINY + [f"trainer.lr={lr}", "trainer.max_steps=30", f"runs_dir={tmp_path}",
+                                        f"run_name={name}{i}"]) for i, lr in enumerate([3e-3, 1e-2])]
+        return train_stacked(runs, **kwargs)
+
+    with pytest.raises(OutOfTime):
+        stack("late", end_by=time.time() + 0.01)
+    for free, paced in zip(stack("free"), stack("paced", end_by=time.time() + 3600), strict=True):
+        assert paced["steps"] == free["steps"] == 30 and paced["final"] == free["final"]
+        assert paced["best_val_acc"] == free["best_val_acc"]
+
+
+def _stacked_study(tmp_path, deadline="10m"):
+    config = write_sweep(tmp_path, {
+        "study": "paced", "lrs": [1e-3, 1e-2, 3e-2, 1e-1], "stack_lrs": True, "deadline": deadline,
+        "variants": {"attention": {"model.name": "attention"}, "gla": {"model.name": "gla"}},
+    })
+    sweep = load_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    return sweep, create_or_load(sweep, create=True)
+
+
+def _late_once(monkeypatch, projected_seconds):
+    """train_stacked as it is, except that its first call reports a pace of `projected_seconds` for its stack."""
+    real, calls = sweeps.stacking.train_stacked, []
+
+    def stacked(runs, hooks, end_by):
+        calls.append(len(runs))
+        if len(calls) == 1:
+            raise OutOfTime(projected_seconds, seconds_left=10.0)
+        return real(runs, hooks, 0.0)
+
+    monkeypatch.setattr(sweeps.stacking, "train_stacked", stacked)
+    return calls
+
+
+def test_a_late_stack_waits_for_the_next_launch_and_trains_whole(tmp_path, monkeypatch):
+    sweep, study = _stacked_study(tmp_path)
+    calls = _late_once(monkeypatch, projected_seconds=100.0)  # fits a 10-minute launch, not what is left of it
+    train_cell_stack(sweep, study, threads=1, end_by=time.time() + 10)
+    deferred = study.get_trials()
+    assert len(deferred) == 4 and all(t.state == TrialState.FAIL and DEFERRED in t.user_attrs
+                                      and "error" not in t.user_attrs and STACK_MEMBERS not in t.user_attrs
+                                      for t in deferred)
+    assert not list((tmp_path / "runs" / "paced").glob("trial-*"))  # nothing of theirs is left on disk
+    assert sorted(requeue_deferred(study)) == [t.number for t in deferred] and requeue_deferred(study) == []
+
+    train_cell_stack(sweep, study, threads=1)  # the next launch: the re-queued trials first, as one stack
+    assert calls == [4, 4]
+    trials = study.get_trials()
+    complete = by_state(trials, TrialState.COMPLETE)
+    assert len(trials) == 8 and len(complete) == 4
+    assert {t.user_attrs["run_key"] for t in complete} == {t.user_attrs["run_key"] for t in deferred}
+    assert sorted(t.system_attrs["requeued_from"] for t in complete) == [t.number for t in deferred]
+    assert all(t.system_attrs["retry_history"] == [] for t in complete)  # a deferral is no retry of sweep.max_retry
+
+
+def test_a_stack_too_long_for_any_launch_splits(tmp_path, monkeypatch):
+    sweep, study = _stacked_study(tmp_path)
+    calls = _late_once(monkeypatch, projected_seconds=1200.0)  # twice a 10-minute launch: stacks of 1 fit
+    train_cell_stack(sweep, study, threads=1, end_by=time.time() + 10)
+    assert {t.user_attrs[STACK_MEMBERS] for t in study.get_trials()} == {1}
+    requeue_deferred(study)
+    for _ in range(4):
+        train_cell_stack(sweep, study, threads=1)
+    assert calls == [4, 1, 1, 1, 1]
+    complete = by_state(study.get_trials(), TrialState.COMPLETE)
+    assert len(complete) == 4 and len({t.user_attrs["run_key"] for t in complete}) == 4
+    assert len(study.get_trials()) == 8  # no new grid point was drawn while the split cell waited
+
+
+def test_a_stack_too_long_even_alone_fails_with_its_reason(tmp_path, monkeypatch):
+    sweep, study = _stacked_study(tmp_path, deadline="60s")
+    _late_once(monkeypatch, projected_seconds=1000.0)  # a quarter of it, one run alone, is still 250 s
+    train_cell_stack(sweep, study, threads=1, end_by=time.time() + 10)
+    trials = study.get_trials()
+    assert all(t.state == TrialState.FAIL and t.user_attrs["error"].startswith("OutOfTime:") for t in trials)
+    assert "sweep.deadline=60s" in trials[0].user_attrs["error"] and requeue_deferred(study) == []
+
+
+def test_a_late_trial_alone_waits_for_the_next_launch(tmp_path, single_thread):
+    """One-by-one trials (Lightning) pace themselves the same way."""
+    config = write_sweep(tmp_path, {"study": "alone", "lrs": [1e-2], "deadline": "10m"}, LONG_RUN)
+    sweep = load_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    study = create_or_load(sweep, create=True)
+    study.optimize(lambda trial: objective(sweep, trial, 1, end_by=time.time() + 0.01), n_trials=1,
+                   catch=(Exception,))
+    late = study.get_trials()[0]
+    assert late.state == TrialState.FAIL and DEFERRED in late.user_attrs and "error" not in late.user_attrs
+    assert requeue_deferred(study) == [late.number]
+    study.optimize(lambda trial: objective(sweep, trial, 1), n_trials=1)
+    rerun = study.get_trials()[1]
+    assert rerun.state == TrialState.COMPLETE and rerun.system_attrs["requeued_from"] == late.number
+    assert rerun.user_attrs["steps"] == 40
+
+
+def test_lab_sweep_passes_the_deadline_to_its_workers(tmp_path):
+    """End to end: runs far too long for the deadline stop at their pace check and say why."""
+    run = {**TINY_RUN, "trainer": {**TINY_RUN["trainer"], "max_steps": 1_000_000, "max_epochs": 10_000,
+                                           "val_every_n_steps": 0}}
+    config = write_sweep(tmp_path, {"study": "e2e", "lrs": [1e-2, 3e-2], "stack_lrs": True, "deadline": "60s",
+                                    "variants": {"attention": {"model.name": "attention"}}}, run)
+    started = time.perf_counter()
+    summary = run_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    assert time.perf_counter() - started < 60  # stopped at the check, not at the deadline
+    assert summary["counts"]["failed"] == 2 and summary["counts"]["lost"] == 0, summary
+    trials = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'runs' / 'e2e' / 'study.db'}")
+    assert all("OutOfTime" in t.user_attrs["error"] for t in trials.get_trials())
+
+
+def test_deadline_must_be_a_duration(tmp_path):
+    from lab.errors import LabError
+
+    config = write_sweep(tmp_path, {"study": "bad", "lrs": [1e-2], "deadline": "soon"})
+    with pytest.raises(LabError, match=r"^sweep.deadline='soon': a duration > 0"):
+        load_sweep(config, [])
+
