@@ -205,7 +205,8 @@ class LaunchRecord:
         self.last_result = None  # when a trial last finished with a result during this launch
         gpus = sorted(set(placement))
         self.info = {"host": HOST, "started": now, "workers": cfg.workers, "gpus": gpus,
-                     "gpu_names": gpu_names(gpus), "stack_lrs": cfg.stack_lrs, "time_limit": cfg.time_limit}
+                     "gpu_names": gpu_names(gpus), "stack_lrs": cfg.stack_lrs, "time_limit": cfg.time_limit,
+                     "deadline": cfg.deadline}
 
     def trial_taken(self) -> None:
         if not self.took_a_trial:
