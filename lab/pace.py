@@ -12,6 +12,9 @@ from lightning.pytorch.callbacks import Callback
 WARMUP_STEPS = 5  # the first steps compile and autotune: not the run's pace
 MEASURED_STEPS = 20
 VALIDATION_BATCH_STEPS = 0.5  # a validation batch (forward only) costs about half a training step
+# a run deferred to a later launch must fit this share of a whole one (the launch's own start, the check's noise);
+# a stack that does not is split, a run alone that does not fails
+LAUNCH_SHARE = 0.85
 
 
 class OutOfTime(Exception):

@@ -24,14 +24,11 @@ from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lab.errors import LabError
-from lab.pace import OutOfTime
+from lab.pace import LAUNCH_SHARE, OutOfTime
 from lab.stacked import train_stacked
 from sweeps.spec import LR_KEY, MEMBER_AXES, SEED_KEY, Sweep, duration_seconds
 from sweeps.study import STACK_MEMBERS, mark_deferred
 from sweeps.worker import describe_trial, pruning_monitor, record_summary, trial_run, yield_to_older_twin
-
-# a stack split to fit a launch gets this share of the launch's time (what its first steps said, plus margin)
-SPLIT_SHARE = 0.85
 
 
 def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int, end_by: float = 0.0) -> None:
@@ -125,8 +122,8 @@ def _defer_stack(study: optuna.Study, sweep: Sweep, members: list, runs: list, l
     which holds where a cell keeps the GPU busy; others stack with little extra time and fit whole)."""
     window = duration_seconds(sweep.cfg.deadline, "sweep.deadline")
     fit = len(members)
-    if late.projected_seconds > SPLIT_SHARE * window:
-        fit = int(len(members) * SPLIT_SHARE * window / late.projected_seconds)
+    if late.projected_seconds > LAUNCH_SHARE * window:
+        fit = int(len(members) * LAUNCH_SHARE * window / late.projected_seconds)
     print(f"trials {', '.join(str(t.number) for t, _ in members)}: {late}; "
           + (f"deferred to the next launch, in stacks of {fit}" if fit else "too long for any launch"), flush=True)
     for (trial, _), run in zip(members, runs, strict=True):

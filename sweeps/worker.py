@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from lab.errors import LabError
-from lab.pace import OutOfTime, PaceCallback
+from lab.pace import LAUNCH_SHARE, OutOfTime, PaceCallback
 from lab.train import ddp_child, train
 from sweeps.spec import Sweep, cell_key, duration_seconds, load_sweep
 from sweeps.study import create_or_load, mark_deferred, tag_worker
@@ -78,7 +78,7 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0
     try:
         summary = train(run, callbacks=[pruning, *([PaceCallback(end_by)] if end_by else [])])
     except OutOfTime as late:  # sweep.deadline: the trial waits for the next launch
-        if late.projected_seconds > duration_seconds(sweep.cfg.deadline, "sweep.deadline"):
+        if late.projected_seconds > LAUNCH_SHARE * duration_seconds(sweep.cfg.deadline, "sweep.deadline"):
             trial.set_user_attr("error", f"OutOfTime: it {late}; longer than a launch of sweep.deadline="
                                          f"{sweep.cfg.deadline}")
         else:

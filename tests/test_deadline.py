@@ -166,3 +166,14 @@ def test_deadline_must_be_a_duration(tmp_path):
     with pytest.raises(LabError, match=r"^sweep.deadline='soon': a duration > 0"):
         load_sweep(config, [])
 
+
+
+def test_a_trial_alone_too_long_for_any_launch_fails_with_its_reason(tmp_path, single_thread):
+    config = write_sweep(tmp_path, {"study": "alone", "lrs": [1e-2], "deadline": "0.01"}, LONG_RUN)
+    sweep = load_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    study = create_or_load(sweep, create=True)
+    study.optimize(lambda trial: objective(sweep, trial, 1, end_by=time.time() + 0.01), n_trials=1,
+                   catch=(Exception,))
+    trial = study.get_trials()[0]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["error"].startswith("OutOfTime: it would take")
+    assert DEFERRED not in trial.user_attrs and requeue_deferred(study) == []
