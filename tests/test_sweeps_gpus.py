@@ -1,5 +1,6 @@
 """`lab sweep --gpus 0,1 --per-gpu K`: which GPU each worker process sees, and the errors (no GPU needed)."""
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -102,7 +103,7 @@ def test_a_launch_records_its_gpu_models(tmp_path, monkeypatch):
 
 def test_sweep_in_pieces_script_runs_a_launch_and_backs_up_the_live_database(tmp_path):
     """scripts/sweep-in-pieces.sh: a detached launch on the live database, then a consistent copy of it in OUT;
-    a second call (no LIMIT) starts nothing and copies again."""
+    a second call (no LIMIT or DEADLINE) starts nothing and copies again."""
     config = write_sweep(tmp_path, {"study": "pieces", "lrs": [1e-3, 1e-2]})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OUT": str(tmp_path / "out"), "WAIT": "240",
            "LAB": f"{sys.executable} -m lab.cli"}
@@ -112,10 +113,13 @@ def test_sweep_in_pieces_script_runs_a_launch_and_backs_up_the_live_database(tmp
         return subprocess.run(["bash", script, config], cwd=tmp_path, env=env | extra, capture_output=True, text=True,
                               timeout=300, check=True).stdout
 
-    first = call(LIMIT="10m")
-    assert "launched pid" in first and "no launch running" in first, first
+    first = call(LIMIT="10m", DEADLINE="20m")
+    assert "time limit 10m, deadline 20m" in first and "no launch running" in first, first
     backup = sqlite3.connect(tmp_path / "out" / "study.backup.db")
     assert backup.execute("select state, count(*) from trials group by state").fetchall() == [("COMPLETE", 2)]
+    launch = json.loads(backup.execute("select value_json from study_user_attributes where key like 'launch %'")
+                        .fetchone()[0])
+    assert launch["time_limit"] == "10m" and launch["deadline"] == "20m"
     assert (tmp_path / "runs" / "live" / "study.db").exists() and (tmp_path / "out" / "runs.tgz").exists()
     with tarfile.open(tmp_path / "out" / "runs.tgz") as runs:
         names = runs.getnames()
