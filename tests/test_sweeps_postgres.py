@@ -113,7 +113,7 @@ def test_two_hosts_share_one_postgres_study(tmp_path, postgres_url):
         for output in outputs:
             text = " ".join(output.split())
             totals = re.search(rf"study {study_name}: (\d+) complete, 0 pruned, 0 failed, (\d+) duplicates, "
-                               r"0 lost, 0 left", text)
+                               r"0 lost, 0 deferred, 0 left", text)
             assert totals and totals.groups() == ("6", str(len(duplicates))), output
     finally:
         optuna.delete_study(study_name=study_name, storage=open_storage(sweep))
