@@ -214,7 +214,7 @@ def time_section(runs: list[dict], launched: list[dict], done: int, budget: int)
             + (f", of which {tail:.0f} s after a launch's last finished trial (the closing report, stacks "
                f"sweep.deadline sent to a later launch, or a stack cut off with its machine, to be run again)" if tail >= 1 else "")
             + f"; the runs' training time summed: {training:.0f} s ({training / 3600:.2f} h)."
-            + _progress(total, done, budget))
+            + _progress(total - tail, done, budget))
 
 
 def stacks_section(runs: list[dict], sweep: Sweep) -> list[str]:
@@ -255,7 +255,8 @@ def _progress(seconds: float, done: int, budget: int) -> str:
         return ""
     line = f" Done: {done} of {budget} trials"
     if done and seconds:
-        # a mean over the cells run so far: cells differ (width, length, mixer), so this is a rough guide
+        # a mean over the cells run so far (the launches' time up to their last result: what bought the trials);
+        # cells differ (width, length, mixer), so this is a rough guide
         line += (f"; at {seconds / done:.0f} s a trial so far, the {budget - done} left would take about "
                  f"{(budget - done) * seconds / done / 3600:.1f} h more")
     return line + "."

@@ -97,6 +97,8 @@ def test_a_launch_records_its_gpu_models(tmp_path, monkeypatch):
     assert "of which" not in time_section([], [launch], 10, 10)  # a launch recorded before the field existed
     cut = {**launch, "seconds": 995.1, "last_result_seconds": 517.0}  # its last stack cut off with the machine
     assert "): 995 s], of which 478 s after a launch's last finished trial" in time_section([], [launch, cut], 10, 10)
+    # the rate so far leaves the tail out: (600 + 517) s for 6 trials
+    assert time_section([], [launch, cut], 6, 112).endswith("at 186 s a trial so far, the 106 left would take about 5.5 h more.")
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert gpu_names([]) == []
 
