@@ -55,6 +55,14 @@ class Pace:
             raise OutOfTime(now - self.began + remaining, left)
 
 
+def members_that_fit(projected_seconds: float, members: int, launch_seconds: float) -> int:
+    """How many of a stack's `members` (1 for a run alone) fit LAUNCH_SHARE of a whole launch, a stack's time taken
+    as proportional to its members; all of them when the stack fits, 0 when not even one does."""
+    if projected_seconds <= LAUNCH_SHARE * launch_seconds:
+        return members
+    return int(members * LAUNCH_SHARE * launch_seconds / projected_seconds)
+
+
 def validations(trainer_cfg, total_steps: int) -> int:
     """How many validations a run of `total_steps` makes (trainer.val_every_n_steps, else per epochs)."""
     if trainer_cfg.val_every_n_steps:

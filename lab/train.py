@@ -114,11 +114,16 @@ class PlainProgress(Callback):
         print("  ".join(fields), flush=True)
 
 
+def run_path(run: RunConfig) -> Path:
+    """runs/<experiment>/<run_name>/ (not created)."""
+    return Path(run.runs_dir) / run.experiment / run.run_name
+
+
 def run_directory(run: RunConfig) -> Path:
     """runs/<experiment>/<run_name>/, created; an existing one is kept unless overwrite=true."""
     if not run.run_name:
         run.run_name = f"{run.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(run.runs_dir) / run.experiment / run.run_name
+    run_dir = run_path(run)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not run.overwrite:
             raise LabError(f"run directory {run_dir} already exists; choose another run_name or pass overwrite=true")

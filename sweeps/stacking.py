@@ -15,7 +15,6 @@ import shutil
 import threading
 import traceback
 from datetime import datetime
-from pathlib import Path
 
 import optuna
 import torch
@@ -24,8 +23,9 @@ from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lab.errors import LabError
-from lab.pace import LAUNCH_SHARE, OutOfTime
+from lab.pace import OutOfTime, members_that_fit
 from lab.stacked import train_stacked
+from lab.train import run_path
 from sweeps.spec import LR_KEY, MEMBER_AXES, SEED_KEY, Sweep, duration_seconds
 from sweeps.study import STACK_MEMBERS, mark_deferred
 from sweeps.worker import describe_trial, pruning_monitor, record_summary, trial_run, yield_to_older_twin
@@ -120,10 +120,7 @@ def _defer_stack(study: optuna.Study, sweep: Sweep, members: list, runs: list, l
     """Stop a stack that would end after sweep.deadline; its trials wait for the next launch, split into smaller
     stacks if even a whole launch is too short for this one (a stack's time taken as proportional to its members,
     which holds where a cell keeps the GPU busy; others stack with little extra time and fit whole)."""
-    window = duration_seconds(sweep.cfg.deadline, "sweep.deadline")
-    fit = len(members)
-    if late.projected_seconds > LAUNCH_SHARE * window:
-        fit = int(len(members) * LAUNCH_SHARE * window / late.projected_seconds)
+    fit = members_that_fit(late.projected_seconds, len(members), duration_seconds(sweep.cfg.deadline, "sweep.deadline"))
     print(f"trials {', '.join(str(t.number) for t, _ in members)}: {late}; "
           + (f"deferred to the next launch, in stacks of {fit}" if fit else "too long for any launch"), flush=True)
     for (trial, _), run in zip(members, runs, strict=True):
@@ -133,7 +130,7 @@ def _defer_stack(study: optuna.Study, sweep: Sweep, members: list, runs: list, l
             trial.set_user_attr("error", f"OutOfTime: its stack of {len(members)} {late}; at that pace one run "
                                          f"alone needs more than a launch of sweep.deadline={sweep.cfg.deadline}")
         _tell(study, trial, state=TrialState.FAIL)
-        shutil.rmtree(Path(run.runs_dir) / run.experiment / run.run_name, ignore_errors=True)
+        shutil.rmtree(run_path(run), ignore_errors=True)
 
 
 def _claim_waiting(study: optuna.Study, params: dict) -> Trial | None:

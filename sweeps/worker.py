@@ -11,7 +11,6 @@ import shutil
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import optuna
 import torch
@@ -19,8 +18,8 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from lab.errors import LabError
-from lab.pace import LAUNCH_SHARE, OutOfTime, PaceCallback
-from lab.train import ddp_child, train
+from lab.pace import OutOfTime, PaceCallback, members_that_fit
+from lab.train import ddp_child, run_path, train
 from sweeps.spec import Sweep, cell_key, duration_seconds, load_sweep
 from sweeps.study import create_or_load, mark_deferred, tag_worker
 
@@ -78,12 +77,12 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0
     try:
         summary = train(run, callbacks=[pruning, *([PaceCallback(end_by)] if end_by else [])])
     except OutOfTime as late:  # sweep.deadline: the trial waits for the next launch
-        if late.projected_seconds > LAUNCH_SHARE * duration_seconds(sweep.cfg.deadline, "sweep.deadline"):
+        if members_that_fit(late.projected_seconds, 1, duration_seconds(sweep.cfg.deadline, "sweep.deadline")):
+            mark_deferred(trial, str(late))
+        else:
             trial.set_user_attr("error", f"OutOfTime: it {late}; longer than a launch of sweep.deadline="
                                          f"{sweep.cfg.deadline}")
-        else:
-            mark_deferred(trial, str(late))
-        shutil.rmtree(Path(run.runs_dir) / run.experiment / run.run_name, ignore_errors=True)
+        shutil.rmtree(run_path(run), ignore_errors=True)
         raise
     except Exception as err:
         # NaN, out of memory, a bad cell: the trial is FAILED with its reason and the study goes on

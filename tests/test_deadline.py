@@ -129,14 +129,19 @@ def test_a_stack_too_long_even_alone_fails_with_its_reason(tmp_path, monkeypatch
     assert "sweep.deadline=60s" in trials[0].user_attrs["error"] and requeue_deferred(study) == []
 
 
-def test_a_late_trial_alone_waits_for_the_next_launch(tmp_path, single_thread):
-    """One-by-one trials (Lightning) pace themselves the same way."""
-    config = write_sweep(tmp_path, {"study": "alone", "lrs": [1e-2], "deadline": "10m"}, LONG_RUN)
+def _late_trial_alone(tmp_path, deadline):
+    """A one-by-one sweep of one run whose trial starts 0.01 s before the deadline: (sweep, study, that trial)."""
+    config = write_sweep(tmp_path, {"study": "alone", "lrs": [1e-2], "deadline": deadline}, LONG_RUN)
     sweep = load_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
     study = create_or_load(sweep, create=True)
     study.optimize(lambda trial: objective(sweep, trial, 1, end_by=time.time() + 0.01), n_trials=1,
                    catch=(Exception,))
-    late = study.get_trials()[0]
+    return sweep, study, study.get_trials()[0]
+
+
+def test_a_late_trial_alone_waits_for_the_next_launch(tmp_path, single_thread):
+    """One-by-one trials (Lightning) pace themselves the same way."""
+    sweep, study, late = _late_trial_alone(tmp_path, "10m")
     assert late.state == TrialState.FAIL and DEFERRED in late.user_attrs and "error" not in late.user_attrs
     assert requeue_deferred(study) == [late.number]
     study.optimize(lambda trial: objective(sweep, trial, 1), n_trials=1)
@@ -167,13 +172,7 @@ def test_deadline_must_be_a_duration(tmp_path):
         load_sweep(config, [])
 
 
-
 def test_a_trial_alone_too_long_for_any_launch_fails_with_its_reason(tmp_path, single_thread):
-    config = write_sweep(tmp_path, {"study": "alone", "lrs": [1e-2], "deadline": "0.01"}, LONG_RUN)
-    sweep = load_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
-    study = create_or_load(sweep, create=True)
-    study.optimize(lambda trial: objective(sweep, trial, 1, end_by=time.time() + 0.01), n_trials=1,
-                   catch=(Exception,))
-    trial = study.get_trials()[0]
+    _, study, trial = _late_trial_alone(tmp_path, "0.01")
     assert trial.state == TrialState.FAIL and trial.user_attrs["error"].startswith("OutOfTime: it would take")
     assert DEFERRED not in trial.user_attrs and requeue_deferred(study) == []
