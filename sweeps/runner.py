@@ -12,7 +12,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from lab.errors import LabError
-from sweeps.spec import Sweep, duration_seconds, load_sweep
+from sweeps.spec import Sweep, load_sweep
 from sweeps.study import (
     DEFERRED,
     LaunchRecord,
@@ -66,8 +66,8 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpu
     started, now = time.perf_counter(), time.time()
     # workers start no trial after the time limit, and none that would end after the deadline (wall clock: the
     # times travel to them as numbers)
-    end_by = now + duration_seconds(sweep.cfg.deadline, "sweep.deadline") if sweep.cfg.deadline else 0.0
-    start_by = now + duration_seconds(sweep.cfg.time_limit) if sweep.cfg.time_limit else 0.0
+    end_by = now + sweep.deadline_seconds if sweep.deadline_seconds else 0.0
+    start_by = now + sweep.time_limit_seconds if sweep.time_limit_seconds else 0.0
     start_by = min(start_by or end_by, end_by or start_by)
     launch = LaunchRecord(study, sweep.cfg, placement)
     procs = _start_workers(sweep, sweep_file, placement, start_by, end_by)

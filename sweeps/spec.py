@@ -122,6 +122,16 @@ class Sweep:
         return self.cfg.storage or f"sqlite:///{self.study_dir / 'study.db'}"
 
     @property
+    def time_limit_seconds(self) -> float:
+        """sweep.time_limit in seconds; 0 = none."""
+        return duration_seconds(self.cfg.time_limit) if self.cfg.time_limit else 0.0
+
+    @property
+    def deadline_seconds(self) -> float:
+        """sweep.deadline in seconds; 0 = none."""
+        return duration_seconds(self.cfg.deadline, "sweep.deadline") if self.cfg.deadline else 0.0
+
+    @property
     def storage_shown(self) -> str:
         """The storage URL for messages and reports: a password in it reads ***."""
         return hide_password(self.storage_url)

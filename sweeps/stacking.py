@@ -26,7 +26,7 @@ from lab.errors import LabError
 from lab.pace import OutOfTime, members_that_fit
 from lab.stacked import train_stacked
 from lab.train import run_path
-from sweeps.spec import LR_KEY, MEMBER_AXES, SEED_KEY, Sweep, duration_seconds
+from sweeps.spec import LR_KEY, MEMBER_AXES, SEED_KEY, Sweep
 from sweeps.study import STACK_MEMBERS, mark_deferred
 from sweeps.worker import describe_trial, pruning_monitor, record_summary, trial_run, yield_to_older_twin
 
@@ -120,7 +120,7 @@ def _defer_stack(study: optuna.Study, sweep: Sweep, members: list, runs: list, l
     """Stop a stack that would end after sweep.deadline; its trials wait for the next launch, split into smaller
     stacks if even a whole launch is too short for this one (a stack's time taken as proportional to its members,
     which holds where a cell keeps the GPU busy; others stack with little extra time and fit whole)."""
-    fit = members_that_fit(late.projected_seconds, len(members), duration_seconds(sweep.cfg.deadline, "sweep.deadline"))
+    fit = members_that_fit(late.projected_seconds, len(members), sweep.deadline_seconds)
     print(f"trials {', '.join(str(t.number) for t, _ in members)}: {late}; "
           + (f"deferred to the next launch, in stacks of {fit}" if fit else "too long for any launch"), flush=True)
     for (trial, _), run in zip(members, runs, strict=True):

@@ -20,7 +20,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from lab.errors import LabError
 from lab.pace import OutOfTime, PaceCallback, members_that_fit
 from lab.train import ddp_child, run_path, train
-from sweeps.spec import Sweep, cell_key, duration_seconds, load_sweep
+from sweeps.spec import Sweep, cell_key, load_sweep
 from sweeps.study import create_or_load, mark_deferred, tag_worker
 
 # A trial that did not fail for its own reasons (its worker died) is re-run; these ended for good.
@@ -77,7 +77,7 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0
     try:
         summary = train(run, callbacks=[pruning, *([PaceCallback(end_by)] if end_by else [])])
     except OutOfTime as late:  # sweep.deadline: the trial waits for the next launch
-        if members_that_fit(late.projected_seconds, 1, duration_seconds(sweep.cfg.deadline, "sweep.deadline")):
+        if members_that_fit(late.projected_seconds, 1, sweep.deadline_seconds):
             mark_deferred(trial, str(late))
         else:
             trial.set_user_attr("error", f"OutOfTime: it {late}; longer than a launch of sweep.deadline="
