@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import optuna
@@ -66,9 +67,16 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpu
     started, now = time.perf_counter(), time.time()
     # workers start no trial after the time limit, and none that would end after the deadline (wall clock: the
     # times travel to them as numbers)
-    end_by = now + sweep.deadline_seconds if sweep.deadline_seconds else 0.0
     start_by = now + sweep.time_limit_seconds if sweep.time_limit_seconds else 0.0
-    start_by = min(start_by or end_by, end_by or start_by)
+    end_by = 0.0
+    if sweep.deadline_seconds:
+        end_by = now + sweep.deadline_seconds
+        # nor one in the deadline's last seconds, fewer than the study's shortest run took: it would pay its
+        # warm-up only to be deferred
+        shortest = shortest_run_seconds(study)
+        if shortest:
+            out.print(f"no run starts in the deadline's last {shortest:.0f} s (the study's shortest run so far)")
+        start_by = min(start_by or end_by, end_by - shortest)
     launch = LaunchRecord(study, sweep.cfg, placement)
     procs = _start_workers(sweep, sweep_file, placement, start_by, end_by)
     try:
@@ -93,6 +101,17 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpu
         out.print(f"report: {report['dir']}  (TensorBoard: lab tb --logdir {sweep.study_dir})")
         summary["report"] = report["dir"]
     return summary
+
+
+def shortest_run_seconds(study: optuna.Study) -> float:
+    """The shortest wall time of a run this study trained (a stack's, from its first start to its last end,
+    where the trials were stacked); 0 if none."""
+    runs = defaultdict(list)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if "wall_seconds" in trial.user_attrs:  # trained: not a duplicate skipped at its start
+            runs[tuple(trial.user_attrs.get("stacked_with", [trial.number]))].append(trial)
+    return min(((max(t.datetime_complete for t in run) - min(t.datetime_start for t in run)).total_seconds()
+                for run in runs.values()), default=0.0)
 
 
 def _refuse_foreign_trials(sweep: Sweep, study: optuna.Study) -> None:
@@ -254,6 +273,7 @@ def _print_summary(summary: dict, out) -> None:
         best = summary["best"]
         out.print(f"best: trial {best['trial']}  {summary['metric']} {best['value']:.3f}  {best['run']}")
     if counts["left"]:
-        reason = (f"time limit {summary['time_limit'] or summary['deadline']} reached; " if summary["timed_out"]
-                  else "")
+        limits = [f"{name} {summary[key]}" for name, key in (("time limit", "time_limit"), ("deadline", "deadline"))
+                  if summary[key]]
+        reason = f"{', '.join(limits)} reached; " if summary["timed_out"] else ""
         out.print(f"{reason}{counts['left']} runs left: run the same command again to continue")

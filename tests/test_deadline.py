@@ -2,22 +2,25 @@
 the next launch; no run is cut off with its machine, none is lost, none trains twice."""
 
 import time
+from datetime import datetime, timedelta
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
+import sweeps.runner
 import sweeps.stacking
+from lab.cli import main
 from lab.config import load_config
 from lab.pace import MEASURED_STEPS, WARMUP_STEPS, OutOfTime, Pace
 from lab.stacked import train_stacked
-from sweeps.runner import run_sweep
+from sweeps.runner import run_sweep, shortest_run_seconds
 from sweeps.spec import load_sweep
 from sweeps.stacking import train_cell_stack
 from sweeps.study import DEFERRED, STACK_MEMBERS, create_or_load, requeue_deferred
 from sweeps.worker import objective
 from tests.test_stacked import TINY
-from tests.test_sweeps import TINY_RUN, by_state, write_sweep
+from tests.test_sweeps import TINY_RUN, by_state, trials_of, write_sweep
 
 CHECK_STEP = WARMUP_STEPS + MEASURED_STEPS
 LONG_RUN = {**TINY_RUN, "trainer": {**TINY_RUN["trainer"], "max_steps": 40, "val_every_n_steps": 20}}
@@ -176,3 +179,33 @@ def test_a_trial_alone_too_long_for_any_launch_fails_with_its_reason(tmp_path, s
     _, study, trial = _late_trial_alone(tmp_path, "0.01")
     assert trial.state == TrialState.FAIL and trial.user_attrs["error"].startswith("OutOfTime: it would take")
     assert DEFERRED not in trial.user_attrs and requeue_deferred(study) == []
+
+
+def test_shortest_run_is_a_whole_stack_and_skips_what_trained_nothing():
+    study = optuna.create_study()
+    t0 = datetime(2026, 12, 7, 12, 0, 0)
+
+    def add(state, start, end, **attrs):
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, state=state, value=0.5 if state == TrialState.COMPLETE else None, values=None,
+            datetime_start=t0 + timedelta(seconds=start), datetime_complete=t0 + timedelta(seconds=end), params={},
+            distributions={}, user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=0))
+
+    assert shortest_run_seconds(study) == 0.0
+    add(TrialState.COMPLETE, 0, 40, wall_seconds=40.0)  # alone
+    add(TrialState.COMPLETE, 100, 120, wall_seconds=15.0, stacked_with=[1, 2])  # a stack of two: 100 to 130
+    add(TrialState.PRUNED, 101, 130, wall_seconds=15.0, stacked_with=[1, 2])
+    add(TrialState.PRUNED, 200, 201, duplicate_of=0)  # skipped at its start
+    add(TrialState.FAIL, 300, 305)  # deferred or failed
+    assert shortest_run_seconds(study) == 30.0
+
+
+def test_no_run_starts_in_the_deadlines_last_seconds_of_the_shortest_run(tmp_path, monkeypatch, capsys):
+    """A launch left less time than any run of the study took starts none (it would only be deferred)."""
+    monkeypatch.setattr(sweeps.runner, "shortest_run_seconds", lambda study: 3600.0)
+    config = write_sweep(tmp_path, {"study": "short", "lrs": [1e-3, 1e-2], "deadline": "10m"})
+    assert main(["sweep", "--config", config, f"runs_dir={tmp_path / 'runs'}"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no run starts in the deadline's last 3600 s" in out, out
+    assert "deadline 10m reached; 2 runs left: run the same command again to continue" in out, out
+    assert trials_of(tmp_path, "short") == []
