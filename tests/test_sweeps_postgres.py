@@ -113,12 +113,13 @@ def test_two_hosts_share_one_postgres_study(tmp_path, postgres_url):
                 run_dir = next(host / run_dir for host in hosts if (host / run_dir).is_dir())
             assert (run_dir / "summary.json").is_file(), run_dir
 
-        # both launchers print the same totals: 6 complete, nothing failed, lost or left
+        # both launchers print the same totals: 6 complete, nothing failed, lost or left; the duplicates as far as
+        # each saw them (a twin of the other host's may still have been training when its last cell was done)
         for output in outputs:
             text = " ".join(output.split())
-            totals = re.search(rf"study {study_name}: (\d+) complete, 0 pruned, 0 failed, (\d+) duplicates, "
+            totals = re.search(rf"study {study_name}: 6 complete, 0 pruned, 0 failed, (\d+) duplicates, "
                                r"0 lost, 0 deferred, 0 left", text)
-            assert totals and totals.groups() == ("6", str(len(duplicates))), output
+            assert totals and int(totals[1]) <= len(duplicates), output
     finally:
         optuna.delete_study(study_name=study_name, storage=open_storage(sweep))
 
