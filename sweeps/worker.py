@@ -204,7 +204,8 @@ def work(sweep_file: str, index: int, threads: int, start_by: float = 0.0, end_b
     print(f"worker {index} on study {sweep.cfg.study} ({sweep.storage_shown})", flush=True)
     while not finished(sweep, study):
         if start_by and time.time() >= start_by:
-            print(json.dumps({"worker": index, "time_limit": sweep.cfg.time_limit}), flush=True)
+            limits = {"time_limit": sweep.cfg.time_limit, "deadline": sweep.cfg.deadline}
+            print(json.dumps({"worker": index, "stopped_by": {k: v for k, v in limits.items() if v}}), flush=True)
             return
         if sweep.cfg.stack_lrs:
             from sweeps.stacking import train_cell_stack

@@ -209,3 +209,5 @@ def test_no_run_starts_in_the_deadlines_last_seconds_of_the_shortest_run(tmp_pat
     assert "no run starts in the deadline's last 3600 s" in out, out
     assert "deadline 10m reached; 2 runs left: run the same command again to continue" in out, out
     assert trials_of(tmp_path, "short") == []
+    worker_log = (tmp_path / "runs" / "short" / "logs" / "worker-0.log").read_text()
+    assert '"stopped_by": {"deadline": "10m"}' in worker_log, worker_log
