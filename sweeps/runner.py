@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import optuna
@@ -22,6 +21,7 @@ from sweeps.study import (
     launch_seconds,
     recover_orphans,
     requeue_deferred,
+    trained_runs,
     worker_on_this_host,
 )
 from sweeps.worker import done_count
@@ -90,8 +90,7 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpu
         raise LabError(f"interrupted; the trials that were running re-run when you start "
                        f"`lab sweep --config {config}` again") from None
     launch.save()
-    summary = _summary(sweep, study, time.perf_counter() - started)
-    summary["timed_out"] = bool(start_by) and time.time() >= start_by and summary["counts"]["left"] > 0
+    summary = _summary(sweep, study, time.perf_counter() - started, start_by)
     _print_summary(summary, out)
     if sweep.cfg.report and summary["counts"]["complete"]:
         from sweeps.report import write_report
@@ -104,14 +103,8 @@ def run_sweep(config: str, overrides: list[str], workers: int | None = None, gpu
 
 
 def shortest_run_seconds(study: optuna.Study) -> float:
-    """The shortest wall time of a run this study trained (a stack's, from its first start to its last end,
-    where the trials were stacked); 0 if none."""
-    runs = defaultdict(list)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if "wall_seconds" in trial.user_attrs:  # trained: not a duplicate skipped at its start
-            runs[tuple(trial.user_attrs.get("stacked_with", [trial.number]))].append(trial)
-    return min(((max(t.datetime_complete for t in run) - min(t.datetime_start for t in run)).total_seconds()
-                for run in runs.values()), default=0.0)
+    """The shortest wall time of a run this study trained (a stack's, where the trials were stacked); 0 if none."""
+    return min((wall for _, wall in trained_runs(study.get_trials(deepcopy=False))), default=0.0)
 
 
 def _refuse_foreign_trials(sweep: Sweep, study: optuna.Study) -> None:
@@ -239,7 +232,7 @@ def trial_line(trial: FrozenTrial, sweep: Sweep) -> str:
     return f"{head}  [red]lost[/]     its worker died; re-queued  {label}"
 
 
-def _summary(sweep: Sweep, study: optuna.Study, seconds: float) -> dict:
+def _summary(sweep: Sweep, study: optuna.Study, seconds: float, start_by: float = 0.0) -> dict:
     trials = study.get_trials(deepcopy=False)
     counts = {
         "complete": sum(t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs for t in trials),
@@ -258,7 +251,10 @@ def _summary(sweep: Sweep, study: optuna.Study, seconds: float) -> dict:
         best = {"trial": trial.number, "value": trial.value, "run": sweep.describe(trial.user_attrs.get("overrides", {})),
                 "run_dir": trial.user_attrs.get("run_dir")}
     study_seconds, launches = launch_seconds(study)
-    return {"study": sweep.cfg.study, "storage": sweep.storage_shown, "counts": counts, "best": best,
+    # a trial deferred this launch says the deadline stopped it, even one before start_by (not started: its smaller
+    # cells took longer than was left, sweeps.worker.defer_unstarted)
+    limit_hit = bool(start_by) and time.time() >= start_by or counts["deferred"] > 0
+    return {"timed_out": limit_hit and counts["left"] > 0, "study": sweep.cfg.study, "storage": sweep.storage_shown, "counts": counts, "best": best,
             "metric": sweep.cfg.metric, "seconds": seconds, "study_seconds": study_seconds, "launches": launches,
             "time_limit": sweep.cfg.time_limit, "deadline": sweep.cfg.deadline}
 

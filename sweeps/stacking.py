@@ -28,11 +28,19 @@ from lab.stacked import train_stacked
 from lab.train import run_path
 from sweeps.spec import LR_KEY, MEMBER_AXES, SEED_KEY, Sweep
 from sweeps.study import STACK_MEMBERS, mark_deferred
-from sweeps.worker import describe_trial, pruning_monitor, record_summary, trial_run, yield_to_older_twin
+from sweeps.worker import (
+    defer_unstarted,
+    describe_trial,
+    pruning_monitor,
+    record_summary,
+    trial_run,
+    yield_to_older_twin,
+)
 
 
-def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int, end_by: float = 0.0) -> None:
-    """One cell's stack; `end_by` (time.time(), 0 = none): sweep.deadline's hour, see the module's doc."""
+def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int, end_by: float = 0.0) -> bool:
+    """One cell's stack; `end_by` (time.time(), 0 = none): sweep.deadline's hour, see the module's doc. False if
+    the cell was deferred before it started (sweeps.worker.defer_unstarted)."""
     fail_stale_trials(study)  # what study.optimize does before each trial: re-queue dead hosts' trials
     first = study.ask()
     members = []  # (trial, overrides)
@@ -40,7 +48,10 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int, end_by: fl
     if owner is not None:  # the grid named a run already taken (see worker.objective)
         first.set_user_attr("duplicate_of", owner.number)
         _tell(study, first, state=TrialState.PRUNED)
-        return
+        return True
+    if defer_unstarted(sweep, first, overrides, end_by):
+        _tell(study, first, state=TrialState.FAIL)
+        return False
     members.append((first, overrides))
     limit = first.user_attrs.get(STACK_MEMBERS)  # a split stack: its siblings are re-queued trials
     for point in _other_members(sweep, overrides):
@@ -69,7 +80,7 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int, end_by: fl
         summaries = train_stacked(runs, hooks, end_by)
     except OutOfTime as late:
         _defer_stack(study, sweep, members, runs, late)
-        return
+        return True
     except Exception as err:  # noqa: BLE001 - out of memory, a bug: every member fails, the study goes on
         message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if not isinstance(err, (LabError, torch.OutOfMemoryError)):
@@ -77,7 +88,7 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int, end_by: fl
         for trial, _ in members:
             trial.set_user_attr("error", message)
             _tell(study, trial, state=TrialState.FAIL)
-        return
+        return True
     finally:
         beat.stop()
         if torch.cuda.is_available():
@@ -96,6 +107,7 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int, end_by: fl
             _tell(study, trial, state=TrialState.PRUNED)
         else:
             _tell(study, trial, value)
+    return True
 
 
 def _tell(study: optuna.Study, trial: Trial, value: float | None = None, state: TrialState | None = None) -> None:

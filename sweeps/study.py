@@ -5,6 +5,7 @@ import socket
 import subprocess
 import time
 import warnings
+from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -293,6 +294,17 @@ def recover_orphans(study: optuna.Study, max_retry: int) -> list[int]:
         retry(study, storage.get_trial(trial._trial_id))  # a WAITING copy (same params) runs next
         recovered.append(trial.number)
     return recovered
+
+
+def trained_runs(trials: list[FrozenTrial]) -> list[tuple[list[FrozenTrial], float]]:
+    """Each run the study trained (a stack's members where the trials were stacked, else a trial alone) with its
+    wall time, from its first start to its last end. Duplicates skipped at their start trained nothing."""
+    runs = defaultdict(list)
+    for trial in trials:
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and "wall_seconds" in trial.user_attrs:
+            runs[tuple(trial.user_attrs.get("stacked_with", [trial.number]))].append(trial)
+    return [(members, (max(t.datetime_complete for t in members) - min(t.datetime_start for t in members))
+             .total_seconds()) for members in runs.values()]
 
 
 def mark_deferred(trial: optuna.Trial, reason: str, stack_members: int | None = None) -> None:

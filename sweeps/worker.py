@@ -20,13 +20,20 @@ from optuna_integration import PyTorchLightningPruningCallback
 from lab.errors import LabError
 from lab.pace import OutOfTime, PaceCallback, members_that_fit
 from lab.train import ddp_child, run_path, train
-from sweeps.spec import Sweep, cell_key, load_sweep
-from sweeps.study import create_or_load, mark_deferred, tag_worker
+from sweeps.spec import MEMBER_AXES, Sweep, cell_key, load_sweep
+from sweeps.study import DEFERRED, create_or_load, mark_deferred, tag_worker, trained_runs
 
 # A trial that did not fail for its own reasons (its worker died) is re-run; these ended for good.
 SETTLED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A DDP trial's ranks > 0 run this worker's command again (Lightning's launcher); this names their trial.
 DDP_TRIAL_ENV = "LAB_DDP_TRIAL"
+# Under sweep.deadline a cell does not start when this share of the time its smaller cells took is more than the
+# time left: a rough guide (a fresh machine compiles cold, early stopping ends some runs sooner), so a margin
+START_SHARE = 0.75
+
+
+class NotStarted(Exception):
+    """A trial deferred before it started (defer_unstarted); its worker starts no more."""
 
 
 class StepPruning(PyTorchLightningPruningCallback):
@@ -59,7 +66,9 @@ class StepPruning(PyTorchLightningPruningCallback):
             trainer.should_stop = True
 
 
-def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0.0) -> float:
+def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0.0,
+              not_started: list | None = None) -> float:
+    """One trial trained alone; `not_started` gets its number if it was deferred before it started."""
     overrides, owner = describe_trial(trial, sweep)
     if owner is not None:
         trial.set_user_attr("duplicate_of", owner.number)
@@ -70,6 +79,10 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0
             # a search sampler proposed a run again: tell it the known result instead of training twice
             return owner.value
 
+    if defer_unstarted(sweep, trial, overrides, end_by):
+        if not_started is not None:
+            not_started.append(trial.number)
+        raise NotStarted(trial.user_attrs[DEFERRED])
     run = trial_run(sweep, trial.number, overrides, threads)
     pruning = StepPruning(trial, monitor=pruning_monitor(sweep))
     print(f"trial {trial.number}: {sweep.describe(overrides)}", flush=True)
@@ -104,6 +117,44 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0
         trial.set_user_attr("pruned_at", pruning.pruned_at)
         raise optuna.TrialPruned(f"pruned at step {pruning.pruned_at}")
     return value
+
+
+def defer_unstarted(sweep: Sweep, trial: optuna.Trial, overrides: dict, end_by: float) -> bool:
+    """Under sweep.deadline: True, with `trial` marked deferred (to be ended FAILED), when this study's runs of
+    cells no larger than this one took longer than the time left (by START_SHARE): it would pay its warm-up only
+    to be stopped by its pace check. A cell whose smaller cells took more than a whole launch starts all the same,
+    for its pace check to split it (sweeps.stacking)."""
+    if not end_by:
+        return False
+    expected = longest_smaller_run(sweep, trial.study.get_trials(deepcopy=False), overrides)
+    left = end_by - time.time()
+    if not expected or START_SHARE * expected <= left or START_SHARE * expected > sweep.deadline_seconds:
+        return False
+    reason = f"not started: cells no larger took up to {expected:.0f} s; {max(0.0, left):.0f} s were left"
+    mark_deferred(trial, reason)
+    print(f"trial {trial.number}: {reason} before the deadline; deferred to the next launch", flush=True)
+    return True
+
+
+def longest_smaller_run(sweep: Sweep, trials: list, overrides: dict) -> float:
+    """The longest wall time of the study's trained runs of cells no larger than `overrides`' (0 if none): the
+    same value on every key, except a number no larger on numeric ones (a shorter sequence, a narrower model,
+    fewer iterations cost no more). Learning rates and seeds (a cell's members) and set labels (their keys
+    count) are not compared."""
+    skip = set(MEMBER_AXES) | set(sweep.set_axes)
+
+    def no_larger(other: dict) -> bool:
+        if other.keys() != overrides.keys():
+            return False
+        return all(key in skip or other[key] == value or (_number(other[key]) and _number(value) and other[key] <= value)
+                   for key, value in overrides.items())
+
+    return max((wall for members, wall in trained_runs(trials) if no_larger(members[0].user_attrs.get("overrides", {}))),
+               default=0.0)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def yield_to_older_twin(sweep: Sweep, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
@@ -210,10 +261,16 @@ def work(sweep_file: str, index: int, threads: int, start_by: float = 0.0, end_b
         if sweep.cfg.stack_lrs:
             from sweeps.stacking import train_cell_stack
 
-            train_cell_stack(sweep, study, threads, end_by)
-            continue
-        # one trial per call: the stop test above sees other workers' trials and re-queued ones
-        study.optimize(lambda trial: objective(sweep, trial, threads, end_by), n_trials=1, catch=(Exception,))
+            started = train_cell_stack(sweep, study, threads, end_by)
+        else:
+            # one trial per call: the stop test above sees other workers' trials and re-queued ones
+            not_started = []
+            study.optimize(lambda trial, late=not_started: objective(sweep, trial, threads, end_by, late), n_trials=1,
+                           catch=(Exception,))
+            started = not not_started
+        if not started:  # near the deadline: a smaller cell might still fit, but trying cell after cell defers many
+            print(json.dumps({"worker": index, "stopped_by": {"deadline": sweep.cfg.deadline}}), flush=True)
+            return
     print(json.dumps({"worker": index, "done": True}), flush=True)
 
 

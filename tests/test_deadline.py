@@ -10,15 +10,16 @@ from optuna.trial import TrialState
 
 import sweeps.runner
 import sweeps.stacking
+import sweeps.worker
 from lab.cli import main
 from lab.config import load_config
 from lab.pace import MEASURED_STEPS, WARMUP_STEPS, OutOfTime, Pace
 from lab.stacked import train_stacked
-from sweeps.runner import run_sweep, shortest_run_seconds
+from sweeps.runner import _summary, _write_sweep_file, run_sweep, shortest_run_seconds
 from sweeps.spec import load_sweep
 from sweeps.stacking import train_cell_stack
 from sweeps.study import DEFERRED, STACK_MEMBERS, create_or_load, requeue_deferred
-from sweeps.worker import objective
+from sweeps.worker import longest_smaller_run, objective, work
 from tests.test_stacked import TINY
 from tests.test_sweeps import TINY_RUN, by_state, trials_of, write_sweep
 
@@ -211,3 +212,84 @@ def test_no_run_starts_in_the_deadlines_last_seconds_of_the_shortest_run(tmp_pat
     assert trials_of(tmp_path, "short") == []
     worker_log = (tmp_path / "runs" / "short" / "logs" / "worker-0.log").read_text()
     assert '"stopped_by": {"deadline": "10m"}' in worker_log, worker_log
+
+
+def _trained(study, overrides, seconds, number=0):
+    """A run the study trained, of `overrides`, that took `seconds`."""
+    end = datetime(2026, 12, 7, 12, 0, 0)
+    study.add_trial(optuna.trial.FrozenTrial(
+        number=number, state=TrialState.COMPLETE, value=0.5, values=None, datetime_start=end - timedelta(seconds=seconds),
+        datetime_complete=end, params={}, distributions={}, user_attrs={"overrides": overrides, "wall_seconds": seconds},
+        system_attrs={}, intermediate_values={}, trial_id=0))
+
+
+def test_smaller_cells_are_those_no_larger_on_every_number_and_alike_on_the_rest(tmp_path):
+    config = write_sweep(tmp_path, {"study": "sizes", "lrs": [1e-3, 1e-2], "variants": {"a": {}, "b": {}},
+                                    "space": {"mqar": {"sets": {"L16": {"task.seq_len": 16}}}}})
+    sweep = load_sweep(config, [])
+    study = optuna.create_study()
+    cell = {"variant": "a", "model.name": "gla", "mqar": "L256", "task.seq_len": 256, "model.d_model": 128,
+            "trainer.lr": 1e-3}
+    for seconds, changes in [
+        (10, {"mqar": "L64", "task.seq_len": 64, "model.d_model": 32, "trainer.lr": 1e-2}),  # smaller, other lr
+        (20, {"model.d_model": 128}),  # the same cell (an earlier launch)
+        (900, {"model.d_model": 256}),  # wider
+        (901, {"mqar": "L512", "task.seq_len": 512, "model.d_model": 32}),  # longer
+        (902, {"variant": "b", "model.name": "attention"}),  # another mixer
+        (903, {"model.d_model": True}),  # not a number
+    ]:
+        _trained(study, {**cell, **changes}, seconds)
+    _trained(study, {k: v for k, v in cell.items() if k != "model.d_model"}, 904)  # other keys: another cell
+    assert longest_smaller_run(sweep, study.get_trials(), cell) == 20.0
+    assert longest_smaller_run(sweep, study.get_trials(), {**cell, "model.d_model": 64}) == 10.0
+    assert longest_smaller_run(sweep, study.get_trials(), {**cell, "task.seq_len": 32}) == 0.0
+
+
+def test_a_cell_whose_smaller_cells_took_longer_than_is_left_does_not_start(tmp_path, monkeypatch):
+    """It would pay its compile only to be stopped at its pace check: deferred at once, and its worker stops."""
+    sweep, study = _stacked_study(tmp_path)
+    for variant in ("attention", "gla"):
+        _trained(study, {"variant": variant, "model.name": variant, "trainer.lr": 1e-3}, 100.0)
+    calls = _late_once(monkeypatch, projected_seconds=100.0)
+    assert train_cell_stack(sweep, study, threads=1, end_by=time.time() + 60) is False  # 75 s of 100 expected
+    assert calls == []
+    refused = study.get_trials()[2:]
+    assert len(refused) == 1 and refused[0].state == TrialState.FAIL and "error" not in refused[0].user_attrs
+    assert refused[0].user_attrs[DEFERRED].startswith("not started: cells no larger took up to 100 s; ")
+    assert requeue_deferred(study) == [refused[0].number]
+
+    # with the time a run of that size needs, or more than a whole launch expected (its pace check splits it), it
+    # starts: here the re-queued trial as the first of a whole stack
+    assert train_cell_stack(sweep, study, threads=1, end_by=time.time() + 76) is True and calls == [4]
+    assert len(study.get_trials()) == 2 + 1 + 4
+    _trained(study, {"variant": "gla", "model.name": "gla", "trainer.lr": 1e-3}, 801.0)
+    _trained(study, {"variant": "attention", "model.name": "attention", "trainer.lr": 1e-3}, 801.0)
+    assert train_cell_stack(sweep, study, threads=1, end_by=time.time() + 60) is True and calls == [4, 4]
+
+
+def test_a_trial_alone_is_not_started_either(tmp_path, single_thread):
+    config = write_sweep(tmp_path, {"study": "alone", "lrs": [1e-2], "deadline": "10m"}, LONG_RUN)
+    sweep = load_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    study = create_or_load(sweep, create=True)
+    _trained(study, {"trainer.lr": 1e-3}, 100.0)
+    not_started = []
+    study.optimize(lambda trial: objective(sweep, trial, 1, time.time() + 60, not_started), n_trials=1,
+                   catch=(Exception,))
+    refused = study.get_trials()[1]
+    assert not_started == [refused.number] and refused.state == TrialState.FAIL
+    assert DEFERRED in refused.user_attrs and "error" not in refused.user_attrs
+    assert not list((tmp_path / "runs" / "alone").glob("trial-*"))
+
+
+def test_a_worker_stops_at_a_cell_not_started_and_the_launch_says_the_deadline_did(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweeps.worker, "longest_smaller_run", lambda sweep, trials, overrides: 100.0)
+    config = write_sweep(tmp_path, {"study": "big", "lrs": [1e-3, 1e-2], "deadline": "10m"})
+    sweep = load_sweep(config, [f"runs_dir={tmp_path / 'runs'}"])
+    study = create_or_load(sweep, create=True)
+    work(str(_write_sweep_file(sweep)), 0, 1, end_by=time.time() + 60)
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("not started: cells no larger took up to 100 s") == 1, out
+    assert out.endswith('{"worker": 0, "stopped_by": {"deadline": "10m"}}'), out
+    assert len(study.get_trials()) == 1  # it tried no other cell
+    summary = _summary(sweep, study, 1.0, start_by=time.time() + 600)
+    assert summary["timed_out"] and summary["counts"]["deferred"] == 1
