@@ -93,16 +93,18 @@ def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int, end_by: fl
         beat.stop()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    for (trial, _), summary in zip(members, summaries, strict=True):
+    for (trial, _), run, summary in zip(members, runs, summaries, strict=True):
         trial.set_user_attr("stacked_with", [t.number for t, _ in members])
         if "error" in summary:
             trial.set_user_attr("error", summary["error"])
             _tell(study, trial, state=TrialState.FAIL)
             continue
-        value = record_summary(trial, summary, sweep.cfg.metric)
         if yield_to_older_twin(sweep, trial) is not None:
+            shutil.rmtree(run_path(run), ignore_errors=True)  # the older trial's run is this one
             _tell(study, trial, state=TrialState.PRUNED)
-        elif summary["pruned_at"] is not None:
+            continue
+        value = record_summary(trial, summary, sweep.cfg.metric)
+        if summary["pruned_at"] is not None:
             trial.set_user_attr("pruned_at", summary["pruned_at"])
             _tell(study, trial, state=TrialState.PRUNED)
         else:

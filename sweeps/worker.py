@@ -109,10 +109,11 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    value = record_summary(trial, summary, sweep.cfg.metric)
     twin = yield_to_older_twin(sweep, trial)
     if twin is not None:
+        shutil.rmtree(run_path(run), ignore_errors=True)  # the older trial's run is this one: TensorBoard shows it once
         raise optuna.TrialPruned(f"same run as trial {twin.number}")
+    value = record_summary(trial, summary, sweep.cfg.metric)
     if pruning.pruned_at is not None:
         trial.set_user_attr("pruned_at", pruning.pruned_at)
         raise optuna.TrialPruned(f"pruned at step {pruning.pruned_at}")
@@ -158,9 +159,10 @@ def _number(value) -> bool:
 
 
 def yield_to_older_twin(sweep: Sweep, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-    """After training: an older trial of the same run, if any; this one is then recorded as its duplicate.
-    Two workers that took one grid point at once can both miss the other (each read the study before the
-    other recorded the run) and both train it; the younger yields, as it would have at the start."""
+    """After training: an older trial of the same run, if any; this one is then recorded as its duplicate (and its
+    run directory removed by the caller). Two workers that took one grid point at once can both miss the other
+    (each read the study before the other recorded the run) and both train it; the younger yields, as it would
+    have at the start."""
     if sweep.cfg.sampler != "grid":
         return None
     owner = _same_run(trial.study, trial.number, trial.user_attrs["run_key"])

@@ -316,3 +316,26 @@ def test_grid_twins_that_missed_each_other_count_once(tmp_path, monkeypatch):
     with pytest.raises(optuna.TrialPruned, match=f"same run as trial {older.number}"):
         worker.objective(sweep, younger, threads=1)
     assert younger.user_attrs["duplicate_of"] == older.number and "duplicate_of" not in older.user_attrs
+    # its run directory goes (TensorBoard would show the run twice), and its record names none
+    assert "run_dir" not in younger.user_attrs
+    assert not (tmp_path / "runs" / "twins" / f"trial-{younger.number}").exists()
+
+
+def test_a_stacked_member_that_finds_an_older_twin_yields_the_same_way(tmp_path, monkeypatch):
+    from sweeps import stacking
+    from sweeps.study import create_or_load
+
+    sweep = load_sweep(write_sweep(tmp_path, {"study": "twins", "lrs": [1e-3, 1e-2], "stack_lrs": True}),
+                       [f"runs_dir={tmp_path / 'runs'}"])
+    study = create_or_load(sweep, create=True)
+    older = study.ask()  # stands for another worker's trial of the same run
+
+    def twin_at_high_lr(sweep, trial):  # as if a worker elsewhere had taken lr 1e-2 while this stack trained
+        return older if trial.params["trainer.lr"] == 1e-2 else None
+
+    monkeypatch.setattr(stacking, "yield_to_older_twin", twin_at_high_lr)
+    stacking.train_cell_stack(sweep, study, threads=1)
+    members = {t.params["trainer.lr"]: t for t in study.get_trials() if t.number != older.number}
+    assert members[1e-3].state == TrialState.COMPLETE and members[1e-2].state == TrialState.PRUNED
+    assert "run_dir" not in members[1e-2].user_attrs and "best_val_acc" not in members[1e-2].user_attrs
+    assert sorted(p.name for p in (tmp_path / "runs" / "twins").glob("trial-*")) == [f"trial-{members[1e-3].number}"]
