@@ -9,6 +9,10 @@
 # The live database sits at LIVE_DB (default runs/live/study.db, git-ignored), copied from SEED_DB only when
 # absent: a tool that re-sends the working tree (tracked files included) before every call must not overwrite it.
 # LAB: how to run the lab (default `python3 -m lab.cli`).
+# CACHE (optional, e.g. .compile-cache.tgz, git-ignored: carry it): Inductor's and Triton's compile caches kept from
+# piece to piece. A fresh machine otherwise compiles every kernel cold (a first stack's warm-up 81 s where a warm
+# launch's took ~19 s). Unpacked into runs/compile-cache before the launch when present; packed to
+# $OUT/compile-cache.tgz once no launch runs, if it fits the 16 MiB a file brought back may have: copy it to CACHE.
 set -u
 config=$1; shift
 LIVE_DB=${LIVE_DB:-runs/live/study.db} WAIT=${WAIT:-540} OUT=${OUT:?set OUT, where the backups go}
@@ -17,6 +21,11 @@ mkdir -p "$(dirname "$LIVE_DB")" "$OUT" runs
 if [ ! -f "$LIVE_DB" ] && [ -n "${SEED_DB:-}" ]; then cp "$SEED_DB" "$LIVE_DB"; fi
 pidfile=runs/sweep-in-pieces.pid
 running() { [ -f $pidfile ] && kill -0 "$(cat $pidfile)" 2>/dev/null; }
+cache_dir=runs/compile-cache
+if [ -n "${CACHE:-}" ]; then
+  export TORCHINDUCTOR_CACHE_DIR=$PWD/$cache_dir/inductor TRITON_CACHE_DIR=$PWD/$cache_dir/triton
+  if [ -f "$CACHE" ] && [ ! -d $cache_dir ]; then tar xzf "$CACHE" && echo "compile cache unpacked from $CACHE"; fi
+fi
 if [ -n "${LIMIT:-}${DEADLINE:-}" ] && ! running; then
   setsid nohup $LAB sweep --config "$config" "$@" "sweep.storage=sqlite:///$LIVE_DB" \
     ${LIMIT:+"sweep.time_limit=$LIMIT"} ${DEADLINE:+"sweep.deadline=$DEADLINE"} \
@@ -39,5 +48,12 @@ while running && [ $(( $(date +%s) - start )) -lt "$WAIT" ]; do
 done
 running && echo "still running at $(date -u +%T)" || echo "no launch running at $(date -u +%T)"
 [ -f "$LIVE_DB" ] && backup
-tar czf "$OUT/runs.tgz" --exclude='*.ckpt' --exclude='events.out.*' --exclude="$LIVE_DB" runs 2>/dev/null
+tar czf "$OUT/runs.tgz" --exclude='*.ckpt' --exclude='events.out.*' --exclude="$LIVE_DB" --exclude=$cache_dir runs \
+  2>/dev/null
+if [ -n "${CACHE:-}" ] && [ -d $cache_dir ] && ! running; then
+  tar czf "$OUT/compile-cache.tgz" $cache_dir
+  mib=$(( $(stat -c %s "$OUT/compile-cache.tgz") / 1048576 ))
+  if [ $mib -ge 16 ]; then rm "$OUT/compile-cache.tgz"; echo "compile cache: $mib MiB packed, too large to bring back"
+  else echo "compile cache: $mib MiB in \$OUT/compile-cache.tgz"; fi
+fi
 grep -v '━' runs/sweep-in-pieces.log | tail -25

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -115,8 +116,16 @@ def test_sweep_in_pieces_script_runs_a_launch_and_backs_up_the_live_database(tmp
         return subprocess.run(["bash", script, config], cwd=tmp_path, env=env | extra, capture_output=True, text=True,
                               timeout=300, check=True).stdout
 
-    first = call(LIMIT="10m", DEADLINE="20m")
+    # a compile cache from an earlier piece (CACHE) is unpacked before the launch and packed again after it
+    (tmp_path / "runs" / "compile-cache" / "triton").mkdir(parents=True)
+    (tmp_path / "runs" / "compile-cache" / "triton" / "kernel.cubin").write_text("earlier piece")
+    subprocess.run(["tar", "czf", "cache.tgz", "runs/compile-cache"], cwd=tmp_path, check=True)
+    shutil.rmtree(tmp_path / "runs")
+    first = call(LIMIT="10m", DEADLINE="20m", CACHE="cache.tgz")
     assert "time limit 10m, deadline 20m" in first and "no launch running" in first, first
+    assert "compile cache unpacked from cache.tgz" in first and "compile cache: 0 MiB in $OUT" in first, first
+    with tarfile.open(tmp_path / "out" / "compile-cache.tgz") as cache:
+        assert "runs/compile-cache/triton/kernel.cubin" in cache.getnames()
     backup = sqlite3.connect(tmp_path / "out" / "study.backup.db")
     assert backup.execute("select state, count(*) from trials group by state").fetchall() == [("COMPLETE", 2)]
     launch = json.loads(backup.execute("select value_json from study_user_attributes where key like 'launch %'")
@@ -126,5 +135,6 @@ def test_sweep_in_pieces_script_runs_a_launch_and_backs_up_the_live_database(tmp
     with tarfile.open(tmp_path / "out" / "runs.tgz") as runs:
         names = runs.getnames()
     assert "runs/pieces/trial-0/summary.json" in names and "runs/live/study.db" not in names
+    assert not [name for name in names if "compile-cache" in name]
     second = call()
     assert "launched" not in second and "trials by state: [('COMPLETE', 2)]" in second, second
