@@ -254,9 +254,10 @@ def _summary(sweep: Sweep, study: optuna.Study, seconds: float, start_by: float 
     # a trial deferred this launch says the deadline stopped it, even one before start_by (not started: its smaller
     # cells took longer than was left, sweeps.worker.defer_unstarted)
     limit_hit = bool(start_by) and time.time() >= start_by or counts["deferred"] > 0
-    return {"timed_out": limit_hit and counts["left"] > 0, "study": sweep.cfg.study, "storage": sweep.storage_shown, "counts": counts, "best": best,
+    return {"study": sweep.cfg.study, "storage": sweep.storage_shown, "counts": counts, "best": best,
             "metric": sweep.cfg.metric, "seconds": seconds, "study_seconds": study_seconds, "launches": launches,
-            "time_limit": sweep.cfg.time_limit, "deadline": sweep.cfg.deadline}
+            "time_limit": sweep.cfg.time_limit, "deadline": sweep.cfg.deadline,
+            "timed_out": limit_hit and counts["left"] > 0}
 
 
 def _print_summary(summary: dict, out) -> None:

@@ -8,6 +8,7 @@ trained alone. The stacked training itself is `lab.stacked.train_stacked`.
 Under `sweep.deadline`, a stack whose first steps say it would end after the deadline stops there: its trials are
 deferred (FAILED, no error) and the next launch re-queues them first (sweeps.study.requeue_deferred). A stack that
 would not fit even a whole launch is split: its re-queued trials carry how many members a stack of them may take.
+A cell whose smaller cells took longer than is left does not start at all (sweeps.worker.defer_unstarted).
 """
 
 import itertools
