@@ -41,7 +41,7 @@ from sweeps.worker import (
 
 def train_cell_stack(sweep: Sweep, study: optuna.Study, threads: int, end_by: float = 0.0) -> bool:
     """One cell's stack; `end_by` (time.time(), 0 = none): sweep.deadline's hour, see the module's doc. False if
-    the cell was deferred before it started (sweeps.worker.defer_unstarted)."""
+    the cell was deferred before it started (sweeps.worker.defer_unstarted), True otherwise."""
     fail_stale_trials(study)  # what study.optimize does before each trial: re-queue dead hosts' trials
     first = study.ask()
     members = []  # (trial, overrides)

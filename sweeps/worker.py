@@ -21,7 +21,7 @@ from lab.errors import LabError
 from lab.pace import OutOfTime, PaceCallback, members_that_fit
 from lab.train import ddp_child, run_path, train
 from sweeps.spec import MEMBER_AXES, Sweep, cell_key, load_sweep
-from sweeps.study import DEFERRED, create_or_load, mark_deferred, tag_worker, trained_runs
+from sweeps.study import create_or_load, mark_deferred, tag_worker, trained_runs
 
 # A trial that did not fail for its own reasons (its worker died) is re-run; these ended for good.
 SETTLED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -79,10 +79,11 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0
             # a search sampler proposed a run again: tell it the known result instead of training twice
             return owner.value
 
-    if defer_unstarted(sweep, trial, overrides, end_by):
+    reason = defer_unstarted(sweep, trial, overrides, end_by)
+    if reason:
         if not_started is not None:
             not_started.append(trial.number)
-        raise NotStarted(trial.user_attrs[DEFERRED])
+        raise NotStarted(reason)
     run = trial_run(sweep, trial.number, overrides, threads)
     pruning = StepPruning(trial, monitor=pruning_monitor(sweep))
     print(f"trial {trial.number}: {sweep.describe(overrides)}", flush=True)
@@ -120,21 +121,21 @@ def objective(sweep: Sweep, trial: optuna.Trial, threads: int, end_by: float = 0
     return value
 
 
-def defer_unstarted(sweep: Sweep, trial: optuna.Trial, overrides: dict, end_by: float) -> bool:
-    """Under sweep.deadline: True, with `trial` marked deferred (to be ended FAILED), when this study's runs of
-    cells no larger than this one took longer than the time left (by START_SHARE): it would pay its warm-up only
-    to be stopped by its pace check. A cell whose smaller cells took more than a whole launch starts all the same,
-    for its pace check to split it (sweeps.stacking)."""
+def defer_unstarted(sweep: Sweep, trial: optuna.Trial, overrides: dict, end_by: float) -> str | None:
+    """Under sweep.deadline: why `trial` does not start, now marked deferred (to be ended FAILED), when this study's
+    runs of cells no larger than this one took longer than the time left (by START_SHARE): it would pay its warm-up
+    only to be stopped by its pace check; else None. A cell whose smaller cells took more than a whole launch starts
+    all the same, for its pace check to split it (sweeps.stacking)."""
     if not end_by:
-        return False
+        return None
     expected = longest_smaller_run(sweep, trial.study.get_trials(deepcopy=False), overrides)
-    left = end_by - time.time()
-    if not expected or START_SHARE * expected <= left or START_SHARE * expected > sweep.deadline_seconds:
-        return False
+    needed, left = START_SHARE * expected, end_by - time.time()
+    if not expected or needed <= left or needed > sweep.deadline_seconds:
+        return None
     reason = f"not started: cells no larger took up to {expected:.0f} s; {max(0.0, left):.0f} s were left"
     mark_deferred(trial, reason)
     print(f"trial {trial.number}: {reason} before the deadline; deferred to the next launch", flush=True)
-    return True
+    return reason
 
 
 def longest_smaller_run(sweep: Sweep, trials: list, overrides: dict) -> float:
