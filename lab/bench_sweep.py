@@ -13,6 +13,7 @@ members or processes, ms per step and seconds per validation. From those and the
 trial it estimates trials per hour for trials of that sweep's size (its epochs, examples and validations).
 """
 
+import functools
 import json
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ DEFAULT_CELL = {"variant": "attention", "task.seq_len": 256, "task.num_kv_pairs"
 
 def cell_config(sweep_file: str, cell: dict, lr: float, run_name: str, runs_dir: str, steps: int | None) -> RunConfig:
     """The run of one sweep cell at one lr; `steps`: cut to that many steps in one epoch, one validation."""
-    sweep = load_sweep(sweep_file, [])
+    sweep = _sweep(sweep_file)
     variant = dict(sweep.cfg.variants.get(cell.get("variant"), {}))
     keys = {**variant, **{k: v for k, v in cell.items() if k != "variant"}, "trainer.lr": lr}
     run = sweep.run_config(keys, runs_dir=runs_dir, run_name=run_name, experiment="bench_sweep", overwrite=True)
@@ -43,6 +44,12 @@ def cell_config(sweep_file: str, cell: dict, lr: float, run_name: str, runs_dir:
                "trainer.val_every_n_steps=0", "trainer.val_every_n_epochs=1", "trainer.progress=none",
                "trainer.early_stop_acc=2.0"]  # no early stop: every variant trains every step
     return load_config([], dotlist, base=to_dict(run))
+
+
+@functools.cache
+def _sweep(sweep_file: str):
+    """Loaded (and its every cell checked) once per process, not once per run of a variant."""
+    return load_sweep(sweep_file, [])
 
 
 def one_by_one(run: RunConfig) -> dict:

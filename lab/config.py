@@ -4,6 +4,7 @@ The model and task sections are typed by the chosen `model.name` / `task.name`, 
 against the dataclass of that model or task, and bad input becomes one `LabError` line.
 """
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,11 +85,17 @@ def load_config(config_files: list[str] = (), overrides: list[str] = (), base: d
         task_spec = tasks.get_task(OmegaConf.select(raw, "task.name", default="mqar"))
     except tasks.TaskError as err:
         raise LabError(f"task.name: {err}") from None
-    schema = OmegaConf.structured(RunConfig(model=model_cls(), task=task_spec.config_cls()))
-    cfg = _merge_checked(schema, raw)
+    cfg = _merge_checked(_schema(model_cls, task_spec.config_cls), raw)
     run: RunConfig = OmegaConf.to_object(cfg)
     validate(run)
     return run
+
+
+@functools.cache
+def _schema(model_cls: type, task_cls: type) -> DictConfig:
+    """The typed defaults of a model and task pair, built once: building them is most of a load_config (a
+    sweep checks hundreds of runs), and merging copies them rather than changing them."""
+    return OmegaConf.structured(RunConfig(model=model_cls(), task=task_cls()))
 
 
 def to_dict(run: RunConfig) -> dict:

@@ -402,12 +402,20 @@ def _axis(key: str, spec: Any, sampler: str) -> Axis:
 
 def _check_runs(sweep: Sweep) -> None:
     """Build the run config of every grid cell (or of each variant at the axes' first values) before any trial:
-    a bad key or value fails here, in one line naming the cell, not hours into the study."""
+    a bad key or value fails here, in one line naming the cell, not hours into the study. A run that differs
+    from checked ones only in its lr and seed is skipped when those values were checked already: the config
+    checks them on their own (lr > 0, seed >= 0), and a paper grid's runs are mostly such repeats."""
     if sweep.cfg.sampler == "grid":
         cells = sweep.grid_cells()
     else:
         cells = [sweep.sample(FixedTrial({VARIANT_KEY: name} if name else {})) for name in sweep.cfg.variants or [None]]
+    checked_cells, checked_members = set(), set()
     for overrides in cells:
+        cell, members = cell_key(overrides), {(key, overrides[key]) for key in MEMBER_AXES if key in overrides}
+        if cell in checked_cells and members <= checked_members:
+            continue
+        checked_cells.add(cell)
+        checked_members |= members
         try:
             sweep.run_config(overrides)
         except LabError as err:

@@ -19,6 +19,15 @@ def test_defaults_and_overrides_merge(tmp_path):
     assert flat["model.num_iter"] == 5 and flat["task.name"] == "mqar"
 
 
+def test_overrides_leave_the_next_configs_defaults_alone():
+    """The typed defaults are built once per model and task: a run's overrides must not reach the next run."""
+    first = load_config([], ["model.name=gka", "model.d_model=24", "task.seq_len=48", "trainer.lr=0.5"])
+    second = load_config([], ["model.name=gka"])
+    assert (first.model.d_model, first.task.seq_len, first.trainer.lr) == (24, 48, 0.5)
+    assert (second.model.d_model, second.task.seq_len, second.trainer.lr) != (24, 48, 0.5)
+    assert second == load_config([], ["model.name=gka", f"model.d_model={second.model.d_model}"])
+
+
 def test_later_config_file_wins(tmp_path):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text("seed: 1\nmodel:\n  d_model: 32\n")
