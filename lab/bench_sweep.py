@@ -35,7 +35,11 @@ DEFAULT_CELL = {"variant": "attention", "task.seq_len": 256, "task.num_kv_pairs"
 def cell_config(sweep_file: str, cell: dict, lr: float, run_name: str, runs_dir: str, steps: int | None) -> RunConfig:
     """The run of one sweep cell at one lr; `steps`: cut to that many steps in one epoch, one validation."""
     sweep = _sweep(sweep_file)
-    variant = dict(sweep.cfg.variants.get(cell.get("variant"), {}))
+    variants = sweep.cfg.variants or {}
+    if "variant" in cell and cell["variant"] not in variants:
+        raise LabError(f"variant={cell['variant']}: not a variant of {sweep_file}; "
+                       f"available: {', '.join(variants) or '(none: leave variant out)'}")
+    variant = dict(variants.get(cell.get("variant"), {}))
     keys = {**variant, **{k: v for k, v in cell.items() if k != "variant"}, "trainer.lr": lr}
     run = sweep.run_config(keys, runs_dir=runs_dir, run_name=run_name, experiment="bench_sweep", overwrite=True)
     if steps is None:

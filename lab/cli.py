@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb.set_defaults(handler=cmd_tb)
 
     bench = commands.add_parser("bench", help="benchmarks: ops (GKA op backends, CPU), mixers (training tokens/s), "
-                                              "kernels (Triton GKA vs SDPA and the torch path, GPU)")
+                                              "kernels (Triton GKA vs SDPA and the torch path, GPU), sweep "
+                                              "(a sweep cell's trials/hour, three ways), step (a cell's step profile)")
     bench.add_argument("what", choices=["ops", "mixers", "kernels", "sweep", "step"])
     bench.add_argument("--out", default=None, help="write the rows as JSON here")
     bench.add_argument("settings", nargs="*", metavar="key=value",

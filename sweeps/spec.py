@@ -285,6 +285,8 @@ def _sweep_section(section, overrides: list[str]) -> SweepConfig:
         if "not in struct" in first or "Key '" in first and "not in" in first:
             allowed = ", ".join(f.name for f in SweepConfig.__dataclass_fields__.values())
             raise LabError(f"unknown sweep key 'sweep.{key}'; allowed: {allowed}") from None
+        if "is not a ListConfig" in first:  # OmegaConf's words for a scalar given to a list key
+            raise LabError(f"sweep.{key}: must be a list, e.g. sweep.{key}=[1,2] on the command line") from None
         raise LabError(f"sweep.{key}: {first}") from None
     cfg: SweepConfig = OmegaConf.to_object(merged)
     cfg.variants = _plain(cfg.variants)

@@ -271,6 +271,8 @@ def test_lab_bench_sweep_runs_every_variant(tmp_path, capsys):
     assert json.loads(out.read_text())[-1]["variant"] == "1 process, stacked x2"
     assert main(["bench", "sweep", "members=0"]) == 2
     assert "every number must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "sweep", "variant=bogus"]) == 2  # not the base run under a name it lacks
+    assert "variant=bogus: not a variant of" in capsys.readouterr().err
 
 
 def test_lab_bench_step_profiles_a_cells_step(tmp_path, capsys):
