@@ -223,9 +223,17 @@ def _merge_checked(schema: DictConfig, raw: DictConfig, where: str = "") -> Dict
         raise LabError(f"unknown config key '{shown}'; allowed here: {allowed}") from None
     except ValidationError as err:
         key = f"{where}.{err.full_key}" if where else err.full_key
-        raise LabError(f"{key}: {_first_line(err)}") from None
+        raise LabError(omegaconf_message(err, key)) from None
     except OmegaConfBaseException as err:
         raise LabError(f"{where or 'config'}: {_first_line(err)}") from None
+
+
+def omegaconf_message(err: Exception, key: str) -> str:
+    """OmegaConf's error in the lab's words where it has a clearer one, else its first line."""
+    first = str(err).splitlines()[0]
+    if "is not a ListConfig" in first:  # a scalar (or a string) given to a list key
+        return f"{key}: must be a list ({key}=[a,b] on the command line, a YAML list in a file)"
+    return f"{key}: {first}"
 
 
 def _first_line(err: Exception) -> str:

@@ -32,7 +32,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lab.config import RunConfig, load_config, load_yaml, parse_overrides, to_dict
+from lab.config import RunConfig, load_config, load_yaml, omegaconf_message, parse_overrides, to_dict
 from lab.errors import LabError
 
 SAMPLERS = ("grid", "tpe", "random")
@@ -285,9 +285,7 @@ def _sweep_section(section, overrides: list[str]) -> SweepConfig:
         if "not in struct" in first or "Key '" in first and "not in" in first:
             allowed = ", ".join(f.name for f in SweepConfig.__dataclass_fields__.values())
             raise LabError(f"unknown sweep key 'sweep.{key}'; allowed: {allowed}") from None
-        if "is not a ListConfig" in first:  # OmegaConf's words for a scalar given to a list key
-            raise LabError(f"sweep.{key}: must be a list, e.g. sweep.{key}=[1,2] on the command line") from None
-        raise LabError(f"sweep.{key}: {first}") from None
+        raise LabError(omegaconf_message(err, f"sweep.{key}")) from None
     cfg: SweepConfig = OmegaConf.to_object(merged)
     cfg.variants = _plain(cfg.variants)
     cfg.space = _plain(cfg.space)

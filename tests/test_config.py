@@ -51,6 +51,7 @@ def test_later_config_file_wins(tmp_path):
         (["model.num_iter=3"], "unknown config key 'model.num_iter'"),  # attention has no solver
         (["run_name=a/b"], "run_name='a/b'"),
         (["seed"], "overrides are key=value"),
+        (["data.test_slices=abc"], "data.test_slices: must be a list (data.test_slices=[a,b] on"),
     ],
 )
 def test_bad_config_is_one_clear_line(overrides, message):

@@ -205,7 +205,7 @@ def test_tpe_study_prunes(tmp_path):
     ({"study": "x", "space": {"model.d_model": [16, 32], "task.seq_len": [32, 4]}}, "cell {model.d_model: 16, task"),
     ({"study": "a/b"}, "plain non-empty name"),
     ({"study": "x", "seeds": [0, 0]}, "sweep.seeds=[0, 0]: distinct integers >= 0"),
-    ({"study": "x", "lrs": "abc"}, "sweep.lrs: must be a list, e.g. sweep.lrs=[1,2]"),
+    ({"study": "x", "lrs": "abc"}, "sweep.lrs: must be a list (sweep.lrs=[a,b] on the command line"),
     ({"study": "x", "space": {"model_seed": [0, 1]}}, "give init seeds as sweep.seeds"),
     ({"study": "x", "time_limit": "2 days"}, "sweep.time_limit='2 days': a duration > 0 like 600"),
     ({"study": "x", "time_limit": 0}, "sweep.time_limit='0': a duration > 0"),
