@@ -25,17 +25,20 @@ from lab.cli import human_bytes
 from lab.config import to_dict
 from lab.errors import LabError
 from sweeps.spec import LR_KEY, MEMBER_AXES, VARIANT_KEY, Sweep, cell_key, load_sweep
-from sweeps.study import create_or_load, launches
+from sweeps.study import create_or_load, launches, recorded_sweep
 from sweeps.worker import done_count
 
 
 def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = None) -> dict:
     study_dir = Path(runs_dir) / study_name
     sweep_file = study_dir / "sweep.yaml"
-    if not sweep_file.is_file():
-        raise LabError(f"no sweep at {study_dir} (no sweep.yaml there); run `lab sweep` first or pass --runs-dir")
-    overrides = [f"sweep.storage={storage}"] if storage else []
-    sweep = load_sweep(str(sweep_file), overrides)
+    if sweep_file.is_file():
+        sweep = load_sweep(str(sweep_file), [f"sweep.storage={storage}"] if storage else [])
+    elif storage:  # a study launched elsewhere: its settings are in its storage
+        sweep = recorded_sweep(study_name, storage, runs_dir)
+    else:
+        raise LabError(f"no sweep at {study_dir} (no sweep.yaml there); run `lab sweep` first, pass --runs-dir, "
+                       "or --storage URL of a study launched elsewhere")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_or_load(sweep, create=False)
     runs = collect_runs(study, sweep)

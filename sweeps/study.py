@@ -169,6 +169,34 @@ def create_or_load(sweep: Sweep, create: bool) -> optuna.Study:
     return study
 
 
+def recorded_sweep(study_name: str, storage: str, runs_dir: str) -> Sweep:
+    """The sweep a study was made from, rebuilt from the settings create_or_load recorded in its storage: for a
+    host that reports a study it did not launch (a copied SQLite file, a shared PostgreSQL study). The trial
+    budget is not recorded: a search sampler's is taken as its trials so far."""
+    import tempfile
+
+    from sweeps.spec import SweepConfig, load_sweep
+
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise LabError(f"--storage {storage}: no such file")
+    probe = Sweep(cfg=SweepConfig(study=study_name, storage=storage), run={}, base_flat={}, runs_dir=runs_dir, axes=[])
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(probe))
+    except KeyError:
+        raise LabError(f"study {study_name!r} not found in {probe.storage_shown}") from None
+    if "sweep" not in study.user_attrs:
+        raise LabError(f"study {study_name!r} in {probe.storage_shown} was not made by `lab sweep` (no settings "
+                       "recorded); report it where its runs/<study>/sweep.yaml is")
+    recorded = yaml.safe_load(study.user_attrs["sweep"])
+    settings = {**recorded["sweep"], "study": study_name, "storage": storage}
+    if settings["sampler"] != "grid":
+        settings["n_trials"] = max(1, len(study.trials))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sweep.yaml"
+        path.write_text(yaml.safe_dump({"sweep": settings, "run": recorded["run"]}, sort_keys=False))
+        return load_sweep(str(path), [f"runs_dir={runs_dir}"])
+
+
 def _differences(old: str, new: str) -> list[str]:
     def flat(tree, prefix=""):
         out = {}

@@ -93,6 +93,18 @@ def test_grid_two_workers_report_and_tensorboard(tmp_path):
     assert len(list((report / "tb").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in report.iterdir() if p.name.startswith(".tb")) == []
 
+    # another host with only a copy of the database (no sweep.yaml): the settings recorded in it give the same cells
+    copy = tmp_path / "copied.db"
+    copy.write_bytes((tmp_path / "runs" / "grid" / "study.db").read_bytes())
+    elsewhere = tmp_path / "elsewhere"
+    assert main(["report", "grid", "--runs-dir", str(elsewhere)]) == 2  # no sweep.yaml and no --storage
+    assert main(["report", "grid", "--runs-dir", str(elsewhere), "--storage", f"sqlite:///{tmp_path / 'no.db'}"]) == 2
+    assert not (tmp_path / "no.db").exists()  # a mistyped path is not created as an empty study
+    assert main(["report", "grid", "--runs-dir", str(elsewhere), "--storage", f"sqlite:///{copy}"]) == 0
+    assert not (elsewhere / "grid" / "sweep.yaml").exists()
+    assert sorted((elsewhere / "grid" / "report" / "cells.csv").read_text().splitlines()) == sorted(
+        (report / "cells.csv").read_text().splitlines())
+
 
 def test_resume_after_sigkill(tmp_path):
     """SIGKILL a worker mid-trial: relaunching re-runs that trial, keeps the finished ones, trains nothing twice."""
