@@ -177,8 +177,6 @@ def recorded_sweep(study_name: str, storage: str, runs_dir: str) -> Sweep:
 
     from sweeps.spec import SweepConfig, load_sweep
 
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-        raise LabError(f"--storage {storage}: no such file")
     probe = Sweep(cfg=SweepConfig(study=study_name, storage=storage), run={}, base_flat={}, runs_dir=runs_dir, axes=[])
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(probe))

@@ -89,6 +89,7 @@ def test_grid_two_workers_report_and_tensorboard(tmp_path):
     (report / "report.md").unlink()
     assert main(["report", "grid", "--runs-dir", str(tmp_path / "runs")]) == 0
     assert (report / "report.md").is_file()
+    assert main(["report", "grid", "--runs-dir", str(tmp_path / "runs"), "--storage", f"sqlite:///{tmp_path / 'no.db'}"]) == 2
     # three reports written (the sweep, its rerun, `lab report`): TensorBoard holds one copy of each figure
     assert len(list((report / "tb").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in report.iterdir() if p.name.startswith(".tb")) == []
