@@ -14,3 +14,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    # `trainer.num_threads=1` in a test's run sets it for the whole process: without this, every later test (the
+    # learning tests among them) would train on one of the two cores.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
