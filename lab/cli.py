@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write runs/<study>/report/ (table, plots, TensorBoard)")
     report.add_argument("study")
     report.add_argument("--runs-dir", default="runs")
-    report.add_argument("--storage", default=None, help="storage URL if not the one in runs/<study>/sweep.yaml (without that file: the "
-                        "study's settings come from its database)")
+    report.add_argument("--storage", default=None, help="storage URL if not the one in runs/<study>/sweep.yaml "
+                        "(without that file: the study's settings come from its database)")
     report.set_defaults(handler=cmd_report)
 
     solvers = commands.add_parser("solvers", help="the solver study: convergence and gradient accuracy (key=value)")

@@ -230,7 +230,7 @@ def _merge_checked(schema: DictConfig, raw: DictConfig, where: str = "") -> Dict
 
 def omegaconf_message(err: Exception, key: str) -> str:
     """OmegaConf's error in the lab's words where it has a clearer one, else its first line."""
-    first = str(err).splitlines()[0]
+    first = _first_line(err)
     if "is not a ListConfig" in first:  # a scalar (or a string) given to a list key
         return f"{key}: must be a list ({key}=[a,b] on the command line, a YAML list in a file)"
     return f"{key}: {first}"

@@ -32,8 +32,6 @@ from sweeps.worker import done_count
 def write_report(study_name: str, runs_dir: str = "runs", storage: str | None = None) -> dict:
     study_dir = Path(runs_dir) / study_name
     sweep_file = study_dir / "sweep.yaml"
-    if storage and storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-        raise LabError(f"--storage {storage}: no such file")  # opening it would make an empty database there
     if sweep_file.is_file():
         sweep = load_sweep(str(sweep_file), [f"sweep.storage={storage}"] if storage else [])
     elif storage:  # a study launched elsewhere: its settings are in its storage

@@ -28,22 +28,28 @@ IDENTITY_KEYS = ("sampler", "seed", "pruner", "pruner_startup_trials", "pruner_w
 HOST = socket.gethostname()
 
 
-def open_storage(sweep: Sweep):
-    """SQLite by default (one file per study), any SQLAlchemy URL, or an Optuna journal file (*.log)."""
+def open_storage(sweep: Sweep, create: bool = True):
+    """SQLite by default (one file per study), any SQLAlchemy URL, or an Optuna journal file (*.log). `create`:
+    a local file (SQLite, journal) may be made; else a missing one is an error, not a new empty database."""
     url, shown = sweep.storage_url, sweep.storage_shown
     cfg = sweep.cfg
     retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
+    if "://" not in url and not url.endswith((".log", ".jsonl")):
+        raise LabError(f"sweep.storage={shown!r}: give an SQLAlchemy URL (sqlite:///..., postgresql://...) "
+                       "or a journal file path ending in .log")
+    local = url if "://" not in url else None  # the file of a journal or SQLite storage
+    if url.startswith("sqlite:///"):
+        local = url.removeprefix("sqlite:///")
+    if local is not None:
+        if not create and not Path(local).is_file():
+            raise LabError(f"storage {shown}: no such file (a study's database is made by `lab sweep`)")
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
     if "://" not in url:
-        if not url.endswith((".log", ".jsonl")):
-            raise LabError(f"sweep.storage={shown!r}: give an SQLAlchemy URL (sqlite:///..., postgresql://...) "
-                           "or a journal file path ending in .log")
         from optuna.storages.journal import JournalFileBackend
 
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # several processes write one SQLite file: wait for the lock instead of failing at once
         engine_kwargs = {"connect_args": {"timeout": 60}}
     engine_url = url
@@ -140,7 +146,7 @@ def create_or_load(sweep: Sweep, create: bool) -> optuna.Study:
 
     A study made from different settings is refused: resuming must continue the same experiment.
     """
-    storage = open_storage(sweep)
+    storage = open_storage(sweep, create)
     kwargs = {"study_name": sweep.cfg.study, "storage": storage, "sampler": make_sampler(sweep),
               "pruner": make_pruner(sweep)}
     for attempt in range(5):
@@ -179,7 +185,7 @@ def recorded_sweep(study_name: str, storage: str, runs_dir: str) -> Sweep:
 
     probe = Sweep(cfg=SweepConfig(study=study_name, storage=storage), run={}, base_flat={}, runs_dir=runs_dir, axes=[])
     try:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(probe))
+        study = optuna.load_study(study_name=study_name, storage=open_storage(probe, create=False))
     except KeyError:
         raise LabError(f"study {study_name!r} not found in {probe.storage_shown}") from None
     if "sweep" not in study.user_attrs:
